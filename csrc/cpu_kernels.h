@@ -1,0 +1,23 @@
+// Entry points of the CPU kernels: raw pointers and sizes. The torch-facing checks live in bindings.cpp.
+#pragma once
+#include <cstdint>
+
+#include "goldfish_hash.h"
+
+namespace goldfish {
+
+// dropped[r, t] for labels [rows, T] (contiguous int64); see position_dropped() in goldfish_hash.h.
+void mask_cpu(const MaskParams& params, const int64_t* labels, bool* dropped, int64_t rows, int64_t T);
+
+// Fused masked cross-entropy over logits [N, V] (contiguous rows); same contract as
+// launch_cross_entropy_cuda in cuda_kernels.h. scalar_t is float, c10::BFloat16 or c10::Half.
+template <typename scalar_t>
+void cross_entropy_cpu(const scalar_t* logits, scalar_t* grad, float* row_loss, const int64_t* labels,
+                       const bool* dropped, int64_t N, int64_t V, int64_t ignore_index, bool dropped_loss,
+                       float grad_scale);
+
+// grad[i, :] *= scale[per_row ? i : 0]; a scalar scale equal to 1 returns at once.
+template <typename scalar_t>
+void scale_rows_cpu(scalar_t* grad, const float* scale, bool per_row, int64_t N, int64_t V);
+
+}  // namespace goldfish

@@ -1,0 +1,123 @@
+// Tensor checks and parameter packing shared by the CPU and CUDA bindings. Every check names the
+// argument and the allowed values, so bad input from any caller becomes a Python exception.
+#pragma once
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include <limits>
+
+#include "goldfish_hash.h"
+
+namespace goldfish {
+
+inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), "goldfish_ds: ", name, " must be on the same device as ", ref_name,
+              " (", ref.device(), "), got ", t.device());
+}
+
+inline void check_labels_tensor(const at::Tensor& labels, int64_t dim) {
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "goldfish_ds: labels must be int64 (torch.long), got ",
+              labels.scalar_type());
+  TORCH_CHECK(labels.dim() == dim, "goldfish_ds: labels must have ", dim, " dimension(s), got shape ",
+              labels.sizes());
+}
+
+// Labels must be ignore_index or a vocabulary id in [0, V): an out-of-range id would read outside a row.
+inline void check_label_range(const at::Tensor& labels, int64_t V, int64_t ignore_index) {
+  const at::Tensor bad = labels.ne(ignore_index).logical_and(labels.lt(0).logical_or(labels.ge(V)));
+  if (bad.any().item<bool>()) {
+    const int64_t first = bad.nonzero().select(1, 0).min().item<int64_t>();
+    TORCH_CHECK(false, "goldfish_ds: labels must be in [0, ", V, ") (the vocabulary of the logits) or equal to ",
+                "ignore_index=", ignore_index, "; labels[", first, "] = ", labels[first].item<int64_t>());
+  }
+}
+
+inline MaskParams make_mask_params(const at::Tensor& labels, int64_t strategy, int64_t k, int64_t h,
+                                   int64_t start_position, int64_t ignore_index, bool preceding,
+                                   const c10::optional<at::Tensor>& table,
+                                   const c10::optional<at::Tensor>& exempt_ids, int64_t seed, int64_t step) {
+  check_labels_tensor(labels, 2);
+  TORCH_CHECK(labels.is_contiguous(), "goldfish_ds: labels must be contiguous");
+  TORCH_CHECK(strategy >= kHashTable && strategy <= kHashRolling,
+              "goldfish_ds: strategy code must be in [0, 4], got ", strategy);
+  TORCH_CHECK(k >= 2, "goldfish_ds: k must be an integer >= 2 (drop about 1/k of the tokens), got ", k);
+  TORCH_CHECK(h >= 1, "goldfish_ds: h (context width) must be an integer >= 1, got ", h);
+  TORCH_CHECK(start_position >= 0, "goldfish_ds: start_position must be >= 0, got ", start_position);
+  MaskParams p{};
+  p.strategy = static_cast<int32_t>(strategy);
+  p.k = k;
+  p.h = h;
+  p.start_position = start_position;
+  p.ignore_index = ignore_index;
+  p.preceding = preceding;
+  p.table_threshold = static_cast<float>(1.0 / static_cast<double>(k));
+  p.avalanche_threshold = static_cast<float>(static_cast<double>((1ULL << 32) - 1) / static_cast<double>(k));
+  p.threshold64 = std::numeric_limits<uint64_t>::max() / static_cast<uint64_t>(k);
+  p.rolling_base_pow_h = pow_mod64(kRollingBase, h);
+  p.seed = static_cast<uint64_t>(seed);
+  p.step = static_cast<uint64_t>(step);
+  if (strategy == kHashTable) {
+    TORCH_CHECK(table.has_value(), "goldfish_ds: the hash-table strategy needs its table");
+    const at::Tensor& tb = *table;
+    TORCH_CHECK(tb.scalar_type() == at::kFloat && tb.dim() == 1 && tb.numel() == kTableSize && tb.is_contiguous(),
+                "goldfish_ds: table must be a contiguous float32 tensor of ", kTableSize, " values, got ",
+                tb.scalar_type(), " of shape ", tb.sizes());
+    check_same_device(tb, labels, "table", "labels");
+    p.table = tb.data_ptr<float>();
+  }
+  if (exempt_ids.has_value() && exempt_ids->numel() > 0) {
+    const at::Tensor& ex = *exempt_ids;
+    TORCH_CHECK(ex.scalar_type() == at::kLong && ex.dim() == 1 && ex.is_contiguous(),
+                "goldfish_ds: exempt_ids must be a contiguous 1-D int64 tensor, got ", ex.scalar_type(),
+                " of shape ", ex.sizes());
+    check_same_device(ex, labels, "exempt_ids", "labels");
+    p.exempt_ids = ex.data_ptr<int64_t>();
+    p.num_exempt = ex.numel();
+  }
+  return p;
+}
+
+// Shared checks of the cross-entropy ops; returns {N, V}.
+inline std::pair<int64_t, int64_t> check_cross_entropy_args(const at::Tensor& logits, const at::Tensor& labels,
+                                                            const c10::optional<at::Tensor>& dropped,
+                                                            int64_t ignore_index) {
+  TORCH_CHECK(logits.dim() == 2, "goldfish_ds: logits must be 2-D [N, V], got shape ", logits.sizes());
+  const auto dtype = logits.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "goldfish_ds: logits must be float32, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK(logits.is_contiguous(), "goldfish_ds: logits must be contiguous");
+  const int64_t N = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(V >= 1, "goldfish_ds: logits must have a vocabulary dimension V >= 1, got shape ", logits.sizes());
+  check_labels_tensor(labels, 1);
+  TORCH_CHECK(labels.numel() == N, "goldfish_ds: labels must have N = ", N, " entries (one per logits row), got ",
+              labels.numel());
+  check_same_device(labels, logits, "labels", "logits");
+  TORCH_CHECK(labels.is_contiguous(), "goldfish_ds: labels must be contiguous");
+  if (dropped.has_value()) {
+    TORCH_CHECK(dropped->scalar_type() == at::kBool && dropped->numel() == N && dropped->is_contiguous(),
+                "goldfish_ds: dropped must be a contiguous bool tensor of N = ", N, " entries, got ",
+                dropped->scalar_type(), " of shape ", dropped->sizes());
+    check_same_device(*dropped, logits, "dropped", "logits");
+  }
+  check_label_range(labels, V, ignore_index);
+  return {N, V};
+}
+
+inline void check_grad_scale(const at::Tensor& grad_scale, const at::Tensor& logits) {
+  TORCH_CHECK(grad_scale.scalar_type() == at::kFloat && grad_scale.numel() == 1,
+              "goldfish_ds: grad_scale must be a float32 tensor with one element, got ", grad_scale.scalar_type(),
+              " of shape ", grad_scale.sizes());
+  check_same_device(grad_scale, logits, "grad_scale", "logits");
+}
+
+inline void check_scale_rows_args(const at::Tensor& grad, const at::Tensor& scale) {
+  TORCH_CHECK(grad.dim() == 2 && grad.is_contiguous(), "goldfish_ds: grad must be a contiguous 2-D tensor, got shape ",
+              grad.sizes());
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
+                  (scale.numel() == 1 || scale.numel() == grad.size(0)),
+              "goldfish_ds: scale must be float32 with 1 or N = ", grad.size(0), " elements, got ",
+              scale.scalar_type(), " of shape ", scale.sizes());
+  check_same_device(scale, grad, "scale", "grad");
+}
+
+}  // namespace goldfish

@@ -1,0 +1,150 @@
+"""Goldfish cross-entropy: the mean next-token loss over the kept targets, fused in one kernel.
+
+The kernel reads each kept logits row once and writes its gradient during the forward pass, by default
+into the logits buffer itself (the logits come fresh from the LM head and are not needed again), so no
+N x V buffer is allocated. Dropped and ignored rows cost only a zero gradient row.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+import torch
+
+from goldfish_ds.config import GoldfishConfig
+from goldfish_ds.kernels import check_device_supported, ops
+from goldfish_ds.mask import goldfish_mask
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+@dataclass(frozen=True)
+class GoldfishStats:
+    """Per-call diagnostics (0-dim tensors, detached; the official run logged the same quantities).
+
+    kept_tokens: targets in the loss. dropped_tokens: targets the goldfish mask removed.
+    drop_rate: dropped / (kept + dropped), the realised fraction of supervised targets dropped.
+    loss_kept: mean loss over kept targets (the training loss). loss_all_tokens: mean over kept and
+    dropped targets (what the standard loss would be). loss_dropped_tokens: mean over dropped targets.
+    Means over zero tokens are 0.
+    """
+
+    kept_tokens: torch.Tensor
+    dropped_tokens: torch.Tensor
+    drop_rate: torch.Tensor
+    loss_kept: torch.Tensor
+    loss_all_tokens: torch.Tensor
+    loss_dropped_tokens: torch.Tensor
+
+
+def _safe_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    return total / count.clamp(min=1).to(total.dtype)
+
+
+class _FusedCrossEntropy(torch.autograd.Function):
+    """Loss and gradient in one kernel call; backward only rescales the stored gradient."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, dropped, kept, ignore_index, reduction, in_place, dropped_loss):
+        n_kept = kept.sum()
+        if reduction == "mean":
+            grad_scale = (1.0 / n_kept.clamp(min=1).to(torch.float32)).reshape(1)
+        else:
+            grad_scale = torch.ones(1, dtype=torch.float32, device=logits.device)
+        if ctx.needs_input_grad[0]:
+            if in_place:
+                row_loss = ops.cross_entropy_loss_grad_(logits, labels, dropped, ignore_index, dropped_loss, grad_scale)
+                torch.autograd.graph.increment_version(logits)  # autograd must see that the logits changed
+                grad = logits
+            else:
+                row_loss, grad = ops.cross_entropy_loss_grad(logits, labels, dropped, ignore_index, dropped_loss,
+                                                             grad_scale)
+            ctx.save_for_backward(grad)
+        else:
+            row_loss = ops.cross_entropy_loss(logits, labels, dropped, ignore_index, dropped_loss)
+        kept_loss = torch.where(kept, row_loss, 0.0)
+        if reduction == "none":
+            loss = kept_loss
+        else:
+            loss = kept_loss.sum()
+            if reduction == "mean":
+                loss = loss * grad_scale[0]
+        ctx.mark_non_differentiable(row_loss)
+        return loss, row_loss
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_row_loss):
+        (grad,) = ctx.saved_tensors
+        ops.scale_rows_(grad, grad_loss.detach().to(torch.float32).reshape(-1).contiguous())
+        return grad, None, None, None, None, None, None, None
+
+
+def goldfish_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: Optional[GoldfishConfig],
+    reduction: str = "mean",
+    *,
+    step: int = 0,
+    in_place: bool = True,
+    return_stats: bool = False,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, GoldfishStats]]:
+    """Cross-entropy over the targets the goldfish mask keeps.
+
+    logits: [B, T, V] (or [N, V]) float32, bfloat16 or float16; labels: [B, T] (or [N]) int64, the
+    shifted targets, each in [0, V) or cfg.ignore_index. The mask is computed per row of labels
+    (an [N] label vector is one row). cfg=None gives the standard loss (no tokens dropped, ignore_index
+    -100), through the same kernel.
+    reduction: "mean" (over kept targets; 0 when none is kept), "sum", or "none" ([B, T] float32, zero
+    at dropped and ignored positions). The loss is float32 whatever the logits' dtype.
+    in_place: when the logits need a gradient, write it into the logits buffer (their values are gone
+    after this call). Pass False to keep the logits; the gradient then takes a new buffer.
+    return_stats: also return GoldfishStats (computing the loss of dropped rows too: they are then read).
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"goldfish_cross_entropy: reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
+    if not isinstance(logits, torch.Tensor) or logits.dim() not in (2, 3):
+        raise ValueError("goldfish_cross_entropy: logits must be a [B, T, V] or [N, V] tensor, got "
+                         f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
+    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"goldfish_cross_entropy: labels must have shape {tuple(logits.shape[:-1])} "
+                         f"(logits' shape without V), got "
+                         f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"goldfish_cross_entropy: labels must be int64 (torch.long), got {labels.dtype}")
+    if labels.device != logits.device:
+        raise ValueError(f"goldfish_cross_entropy: labels ({labels.device}) and logits ({logits.device}) "
+                         "must be on the same device")
+    check_device_supported(logits.device)
+
+    ignore_index = cfg.ignore_index if cfg is not None else -100
+    flat_labels = labels.reshape(-1).contiguous()
+    dropped = goldfish_mask(labels, cfg, step).reshape(-1) if cfg is not None else None
+    valid = flat_labels.ne(ignore_index)
+    kept = valid if dropped is None else valid & ~dropped
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    if not flat_logits.is_contiguous():
+        flat_logits = flat_logits.contiguous()  # a copy: the in-place gradient then lands in it, not in logits
+    loss, row_loss = _FusedCrossEntropy.apply(flat_logits, flat_labels, dropped, kept, ignore_index, reduction,
+                                              in_place, return_stats and dropped is not None)
+    if reduction == "none":
+        loss = loss.reshape(labels.shape)
+    if not return_stats:
+        return loss
+    return loss, _stats(row_loss.detach(), kept, dropped)
+
+
+def _stats(row_loss: torch.Tensor, kept: torch.Tensor, dropped: Optional[torch.Tensor]) -> GoldfishStats:
+    if dropped is None:
+        dropped = torch.zeros_like(kept)
+    n_kept, n_dropped = kept.sum(), dropped.sum()
+    loss_kept_sum = torch.where(kept, row_loss, 0.0).sum()
+    loss_dropped_sum = torch.where(dropped, row_loss, 0.0).sum()
+    return GoldfishStats(
+        kept_tokens=n_kept,
+        dropped_tokens=n_dropped,
+        drop_rate=_safe_mean(n_dropped.to(torch.float32), n_kept + n_dropped),
+        loss_kept=_safe_mean(loss_kept_sum, n_kept),
+        loss_all_tokens=_safe_mean(loss_kept_sum + loss_dropped_sum, n_kept + n_dropped),
+        loss_dropped_tokens=_safe_mean(loss_dropped_sum, n_dropped),
+    )

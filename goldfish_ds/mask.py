@@ -1,0 +1,44 @@
+"""Goldfish masks: which target positions the loss leaves out."""
+from __future__ import annotations
+
+import torch
+
+from goldfish_ds.config import GoldfishConfig
+from goldfish_ds.kernels import check_device_supported, ops
+from goldfish_ds.table import hash_table
+
+
+def _as_rows(labels: torch.Tensor) -> torch.Tensor:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"goldfish_ds: labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"goldfish_ds: labels must be int64 (torch.long), got {labels.dtype}")
+    if labels.dim() not in (1, 2):
+        raise ValueError(f"goldfish_ds: labels must be [T] or [B, T], got shape {tuple(labels.shape)}")
+    return labels.reshape(1, -1) if labels.dim() == 1 else labels.contiguous()
+
+
+def goldfish_mask(labels: torch.Tensor, cfg: GoldfishConfig, step: int = 0) -> torch.Tensor:
+    """Positions the goldfish loss drops (True = dropped), computed per row.
+
+    labels: [B, T] or [T] int64, the shifted targets (labels[b, t] is predicted from tokens <= t).
+    Positions whose label is cfg.ignore_index or in cfg.exempt_ids are never dropped.
+    step: only the "random" strategy uses it (a new mask every step).
+    Returns a bool tensor of labels' shape, on labels' device.
+    """
+    rows = _as_rows(labels)
+    check_device_supported(rows.device)
+    table = hash_table(rows.device, cfg.table_path) if cfg.strategy == "hash-table" else None
+    exempt = torch.tensor(cfg.exempt_ids, dtype=torch.int64, device=rows.device) if cfg.exempt_ids else None
+    dropped = ops.goldfish_mask(rows, cfg.strategy_code, cfg.k, cfg.h, cfg.start_position, cfg.ignore_index,
+                                cfg.window == "preceding", table, exempt, cfg.seed, step)
+    return dropped.reshape(labels.shape)
+
+
+def apply_goldfish(labels: torch.Tensor, cfg: GoldfishConfig, step: int = 0) -> torch.Tensor:
+    """A copy of `labels` with the dropped positions set to cfg.ignore_index.
+
+    Use it to feed any loss that honours ignore_index (HF models, torch's cross_entropy);
+    goldfish_cross_entropy does the same inside its fused kernel.
+    """
+    return labels.masked_fill(goldfish_mask(labels, cfg, step), cfg.ignore_index)
