@@ -1,6 +1,7 @@
-// Fused masked cross-entropy on the CPU. Each kept row is read from memory once: the first pass brings
-// it into cache (max), the next two work on a per-thread float32 scratch row that stays in L2
-// (exp and sum, then the scaled gradient written in the logits' dtype).
+// Fused masked cross-entropy on the CPU. Each kept row is read from memory once, in blocks that fit in
+// L1: a block's max and exponentials are computed while it is in L1 (online softmax, rescaling the
+// running sum when the max grows), the exponentials land in a per-thread float32 scratch row that stays
+// in L2, and a last pass scales them into the gradient, written in the logits' dtype.
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -19,53 +20,79 @@ namespace goldfish {
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kBlock = 2048;  // floats per block: 8 KiB, resident in L1 between its two uses
 
-// The row as float32: the logits themselves for float, else converted into `scratch`.
-template <typename scalar_t>
-const float* row_as_float(const scalar_t* x, int64_t V, float* scratch) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return x;
-  } else {
-    at::vec::convert(x, scratch, V);
-    return scratch;
-  }
-}
-
-float row_max(const float* x, int64_t V) {
+float block_max(const float* x, int64_t n) {
   Vec acc(-std::numeric_limits<float>::infinity());
   int64_t j = 0;
-  for (; j + Vec::size() <= V; j += Vec::size()) acc = at::vec::maximum(acc, Vec::loadu(x + j));
+  for (; j + Vec::size() <= n; j += Vec::size()) acc = at::vec::maximum(acc, Vec::loadu(x + j));
   float m = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, acc);
-  for (; j < V; ++j) m = std::max(m, x[j]);
+  for (; j < n; ++j) m = std::max(m, x[j]);
   return m;
 }
 
 // e[j] = exp(x[j] - m) (e may alias x); returns the sum of e.
-float exp_and_sum(const float* x, float* e, int64_t V, float m) {
+float exp_and_sum(const float* x, float* e, int64_t n, float m) {
   const Vec vm(m);
   Vec acc(0.f);
   int64_t j = 0;
-  for (; j + Vec::size() <= V; j += Vec::size()) {
+  for (; j + Vec::size() <= n; j += Vec::size()) {
     const Vec v = (Vec::loadu(x + j) - vm).exp();
     v.store(e + j);
     acc = acc + v;
   }
   float s = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
-  for (; j < V; ++j) {
+  for (; j < n; ++j) {
     e[j] = std::exp(x[j] - m);
     s += e[j];
   }
   return s;
 }
 
-// out[j] = e[j] * c, converted to scalar_t.
+// One read of the row x [V]: e[j] = exp(x[j] - block_offset[j / kBlock]), where each block's offset is
+// the running max when the block was read. Returns {max, sum of exp(x - max)}.
+// `next` (may be null) is the row to be read after this one: it is prefetched block by block, so its
+// memory streams in while this row is computed.
 template <typename scalar_t>
-void scale_into(const float* e, float c, scalar_t* out, int64_t V, float* scratch) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    at::vec::map([c](Vec v) { return v * Vec(c); }, out, e, V);
-  } else {
-    at::vec::map([c](Vec v) { return v * Vec(c); }, scratch, e, V);
-    at::vec::convert(scratch, out, V);
+std::pair<float, float> online_softmax(const scalar_t* x, int64_t V, float* e, float* block_offset,
+                                       const scalar_t* next) {
+  float m = -std::numeric_limits<float>::infinity(), sum = 0.f;
+  constexpr int64_t kLine = 64 / sizeof(scalar_t);  // elements per cache line
+  for (int64_t b0 = 0, b = 0; b0 < V; b0 += kBlock, ++b) {
+    const int64_t n = std::min(kBlock, V - b0);
+    if (next != nullptr) {
+      for (int64_t j = 0; j < n; j += kLine) __builtin_prefetch(next + b0 + j);
+    }
+    const float* xb;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      xb = x + b0;
+    } else {
+      at::vec::convert(x + b0, e + b0, n);
+      xb = e + b0;
+    }
+    const float bm = block_max(xb, n);
+    if (bm > m) {
+      sum = sum == 0.f ? 0.f : sum * std::exp(m - bm);
+      m = bm;
+    }
+    block_offset[b] = m;
+    sum += exp_and_sum(xb, e + b0, n, m);
+  }
+  return {m, sum};
+}
+
+// g[j] = e[j] * c[j / kBlock], converted to scalar_t (g may alias e for float).
+template <typename scalar_t>
+void write_gradient(float* e, const float* block_coef, int64_t V, scalar_t* g) {
+  for (int64_t b0 = 0, b = 0; b0 < V; b0 += kBlock, ++b) {
+    const int64_t n = std::min(kBlock, V - b0);
+    const Vec c(block_coef[b]);
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      at::vec::map([c](Vec v) { return v * c; }, g + b0, e + b0, n);
+    } else {
+      at::vec::map([c](Vec v) { return v * c; }, e + b0, e + b0, n);
+      at::vec::convert(e + b0, g + b0, n);
+    }
   }
 }
 
@@ -80,9 +107,9 @@ template <typename scalar_t>
 void cross_entropy_cpu(const scalar_t* logits, scalar_t* grad, float* row_loss, const int64_t* labels,
                        const bool* dropped, int64_t N, int64_t V, int64_t ignore_index, bool dropped_loss,
                        float grad_scale) {
-  // Rows are independent; a grain of a few rows keeps the per-chunk scratch allocation negligible.
+  const int64_t num_blocks = (V + kBlock - 1) / kBlock;
   at::parallel_for(0, N, 4, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(V);
+    std::vector<float> e(V), block_coef(num_blocks);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t y = labels[i];
       const bool is_dropped = dropped != nullptr && dropped[i];
@@ -92,10 +119,10 @@ void cross_entropy_cpu(const scalar_t* logits, scalar_t* grad, float* row_loss, 
         if (g) zero_row(g, V);
         continue;
       }
-      const float* x = row_as_float(logits + i * V, V, scratch.data());
-      const float target_logit = x[y];
-      const float m = row_max(x, V);
-      const float sum = exp_and_sum(x, scratch.data(), V, m);
+      const scalar_t* x = logits + i * V;
+      const float target_logit = static_cast<float>(x[y]);
+      const scalar_t* next = i + 1 < end ? x + V : nullptr;
+      const auto [m, sum] = online_softmax(x, V, e.data(), block_coef.data(), next);
       const float lse = m + std::log(sum);
       row_loss[i] = lse - target_logit;
       if (!g) continue;
@@ -103,8 +130,8 @@ void cross_entropy_cpu(const scalar_t* logits, scalar_t* grad, float* row_loss, 
         zero_row(g, V);
         continue;
       }
-      const float c = grad_scale / sum;
-      scale_into(scratch.data(), c, g, V, scratch.data());
+      for (int64_t b = 0; b < num_blocks; ++b) block_coef[b] = grad_scale * std::exp(block_coef[b] - m) / sum;
+      write_gradient(e.data(), block_coef.data(), V, g);
       // The target's term, from the exact target logit rather than the stored exponential.
       g[y] = static_cast<scalar_t>((std::exp(target_logit - lse) - 1.f) * grad_scale);
     }

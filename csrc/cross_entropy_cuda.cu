@@ -1,0 +1,521 @@
+// Fused masked cross-entropy (loss and gradient in one pass over the logits) and the row scaling of the
+// gradient, on the GPU.
+//
+// Layout of the cross-entropy kernel: one block per row. A row is cut into packs of W elements (16 bytes
+// when the rows are 16-byte aligned, else single elements), and pack u belongs to thread u % blockDim.x.
+// Each thread keeps its packs in one of three tiers, all filled by the single read of the row:
+//   1. registers: its first kRegPacks packs (the row's first kRegPacks * blockDim.x packs);
+//   2. shared memory: the next `staged_packs` packs of the row, copied asynchronously (cp.async);
+//   3. re-read: whatever is left (only rows longer than registers and shared memory of one multiprocessor
+//      hold, e.g. V = 128256 fp32). It is prefetched into L2 with the evict_last priority when the row is
+//      started, and every other access is marked evict-first, so that its lines are still in L2 when pass 2
+//      reads them again (backwards: the lines pass 1 read last come first).
+// Pass 1 folds each thread's elements into an online (max, sum of exp) pair, one block reduction combines
+// the pairs, and pass 2 writes the gradient from the kept copies. Each thread reads and writes only its
+// own packs, and only after the reduction's barriers, so grad may alias logits.
+//
+// Numerics: fp32 throughout, exponentials as exp2((x - max) * log2(e)). The loss is taken as
+// (max - x[label]) + log(sum exp(x - max)) rather than lse - x[label], so a small loss keeps its relative
+// precision (as in torch's log_softmax).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <math_constants.h>
+
+#include <cstdint>
+
+#include "cuda_kernels.h"
+
+namespace goldfish {
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Packs per thread held in registers: 8 packs of 16 bytes use 32 of the 64 registers a thread may have
+// in a 1024-thread block, which leaves room for the indices and accumulators without spilling.
+constexpr int kRegPacks = 8;
+constexpr int kMaxThreads = 1024;
+constexpr int64_t kMaxRowLength = (int64_t{1} << 31) - (int64_t{1} << 16);
+
+// ---- element types ------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+
+template <int Bytes>
+struct RawWord;
+template <>
+struct RawWord<16> { using type = uint4; };
+template <>
+struct RawWord<4> { using type = unsigned int; };
+template <>
+struct RawWord<2> { using type = unsigned short; };
+
+// W consecutive elements moved as one machine word (one 16-byte access when W * sizeof(T) == 16).
+template <typename T, int W>
+union Pack {
+  typename RawWord<sizeof(T) * W>::type raw;
+  T v[W];
+};
+
+template <typename P>
+__device__ __forceinline__ P load_evict_first(const P* p) {
+  P r;
+  r.raw = __ldcs(&p->raw);
+  return r;
+}
+
+template <typename P>
+__device__ __forceinline__ P load_normal(const P* p) {
+  P r;
+  r.raw = p->raw;
+  return r;
+}
+
+template <typename P>
+__device__ __forceinline__ void store_evict_first(P* p, const P& value) {
+  __stcs(&p->raw, value.raw);
+}
+
+template <typename T, int W>
+__device__ __forceinline__ Pack<T, W> filled(float x) {
+  Pack<T, W> p;
+#pragma unroll
+  for (int e = 0; e < W; ++e) p.v[e] = from_float<T>(x);
+  return p;
+}
+
+// Global -> shared copy of one pack, asynchronous where cp.async has the size (4 or 16 bytes).
+template <typename P>
+__device__ __forceinline__ void stage_pack(P* dst, const P* src) {
+  if constexpr (sizeof(P) == 16) {
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(src) : "memory");
+  } else if constexpr (sizeof(P) == 4) {
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(src) : "memory");
+  } else {
+    *dst = load_evict_first(src);
+  }
+}
+
+__device__ __forceinline__ void wait_staged() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+// Prefetches the 128-byte lines of [begin, end) into L2 with the evict_last priority, spread over the block.
+template <typename P>
+__device__ __forceinline__ void prefetch_l2_evict_last(const P* begin, const P* end) {
+  constexpr uintptr_t kLine = 128;
+  const uintptr_t first_line = reinterpret_cast<uintptr_t>(begin) & ~(kLine - 1);
+  for (uintptr_t a = first_line + threadIdx.x * kLine; a < reinterpret_cast<uintptr_t>(end); a += blockDim.x * kLine)
+    asm volatile("prefetch.global.L2::evict_last [%0];\n" ::"l"(a));
+}
+
+// ---- (max, sum of exp) pairs ----------------------------------------------------------------------------
+// A pair (m, s) stands for sum_j exp(x_j) = s * exp(m), with m the largest x_j seen (-inf: none yet, s == 0).
+// Exponentials are exp2((x - m) * log2(e)): x - m is exact for the elements near the max, which dominate
+// the sum, so their error does not grow with |m| (as fma(x, log2(e), -m * log2(e)) would through the
+// rounding of m * log2(e)), and the max element contributes exactly 1.
+
+// The value subtracted before exponentiating: the max, or 0 while it is -inf (every element seen is then
+// -inf, and -inf - 0 gives exp2(-inf) = 0 where -inf - (-inf) would give NaN).
+__device__ __forceinline__ float shift_of(float m) { return m == -CUDART_INF_F ? 0.f : m; }
+
+__device__ __forceinline__ float exp_shifted(float x, float shift) { return exp2f((x - shift) * kLog2e); }
+
+// s expressed relative to m_new >= m_old instead of m_old.
+__device__ __forceinline__ float rebase(float s, float m_old, float m_new) {
+  return m_old == -CUDART_INF_F ? 0.f : s * exp2f((m_old - m_new) * kLog2e);
+}
+
+__device__ __forceinline__ void combine(float& m, float& s, float m2, float s2) {
+  const float mx = fmaxf(m, m2);
+  s = rebase(s, m, mx) + rebase(s2, m2, mx);
+  m = mx;
+}
+
+template <typename T>
+struct PairOf;
+template <>
+struct PairOf<__nv_bfloat16> { using type = __nv_bfloat162; };
+template <>
+struct PairOf<__half> { using type = __half2; };
+
+__device__ __forceinline__ float pair_max_float(__nv_bfloat162 a) { return fmaxf(__low2float(a), __high2float(a)); }
+__device__ __forceinline__ float pair_max_float(__half2 a) { return fmaxf(__low2float(a), __high2float(a)); }
+
+template <typename T, int W>
+__device__ __forceinline__ float pack_max(const Pack<T, W>& p) {
+  if constexpr (sizeof(T) == 2 && W % 2 == 0) {
+    // Paired 16-bit maxima: half the instructions, and no fp32 copies of the pack for the compiler to keep
+    // alive until the exponentials (which would spill the register tier).
+    using T2 = typename PairOf<T>::type;
+    const T2* pairs = reinterpret_cast<const T2*>(p.v);
+    T2 mx = pairs[0];
+#pragma unroll
+    for (int e = 1; e < W / 2; ++e) mx = __hmax2(mx, pairs[e]);
+    return pair_max_float(mx);
+  } else {
+    float mx = to_float(p.v[0]);
+#pragma unroll
+    for (int e = 1; e < W; ++e) mx = fmaxf(mx, to_float(p.v[e]));
+    return mx;
+  }
+}
+
+template <typename T, int W>
+__device__ __forceinline__ void fold_pack(float& m, float& s, const Pack<T, W>& p) {
+  const float pm = pack_max(p);
+  if (pm > m) {
+    s = rebase(s, m, pm);
+    m = pm;
+  }
+  const float shift = shift_of(m);
+#pragma unroll
+  for (int e = 0; e < W; ++e) s += exp_shifted(to_float(p.v[e]), shift);
+}
+
+struct ReduceScratch {
+  float2 warp[kMaxThreads / 32];
+  float2 row;  // the row's (max, sum) pair
+};
+
+// Combines the block's pairs; every thread gets the row's pair. Must be reached by all threads.
+__device__ __forceinline__ float2 block_reduce(float m, float s, ReduceScratch& scratch) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1)
+    combine(m, s, __shfl_xor_sync(0xFFFFFFFFu, m, offset), __shfl_xor_sync(0xFFFFFFFFu, s, offset));
+  if (lane == 0) scratch.warp[warp] = make_float2(m, s);
+  __syncthreads();
+  if (warp == 0) {
+    const float2 part = lane < static_cast<int>(blockDim.x >> 5) ? scratch.warp[lane] : make_float2(-CUDART_INF_F, 0.f);
+    m = part.x;
+    s = part.y;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1)
+      combine(m, s, __shfl_xor_sync(0xFFFFFFFFu, m, offset), __shfl_xor_sync(0xFFFFFFFFu, s, offset));
+    if (lane == 0) scratch.row = make_float2(m, s);
+  }
+  __syncthreads();
+  return scratch.row;
+}
+
+// ---- cross-entropy ------------------------------------------------------------------------------------
+
+template <typename T, int W>
+__device__ __forceinline__ void write_zero_row(Pack<T, W>* out, int packs) {
+  const Pack<T, W> zero = filled<T, W>(0.f);
+  for (int u = threadIdx.x; u < packs; u += blockDim.x) store_evict_first(out + u, zero);
+}
+
+// grad of one pack: softmax * gs, minus gs at the label. `label_lane` is the label's index inside this
+// pack, or -1.
+template <typename T, int W>
+__device__ __forceinline__ void write_grad_pack(Pack<T, W>* out, const Pack<T, W>& x, float shift, float k, float gs,
+                                                int label_lane) {
+  Pack<T, W> g;
+#pragma unroll
+  for (int e = 0; e < W; ++e)
+    g.v[e] = from_float<T>(__fmaf_rn(exp_shifted(to_float(x.v[e]), shift), k, e == label_lane ? -gs : 0.f));
+  store_evict_first(out, g);
+}
+
+template <typename T, int W>
+__global__ void __launch_bounds__(kMaxThreads)
+    cross_entropy_kernel(const T* logits, T* grad, float* row_loss, const int64_t* labels, const bool* dropped,
+                         int64_t N, int64_t V, int64_t ignore_index, bool dropped_loss, const float* grad_scale,
+                         int staged_packs) {
+  using P = Pack<T, W>;
+  extern __shared__ uint4 staged_raw[];  // uint4: 16-byte alignment for cp.async
+  P* staged = reinterpret_cast<P*>(staged_raw);
+  __shared__ ReduceScratch scratch;
+
+  const int tid = threadIdx.x;
+  const int nthreads = blockDim.x;
+  // In-row indices are 32-bit (the launcher rejects V >= 2^31); only row offsets need 64 bits.
+  const int packs = static_cast<int>(V / W);  // exact: W > 1 only when W divides V
+  const int reg_end = kRegPacks * nthreads;
+  const int reread_begin = reg_end + staged_packs;  // staged_packs is 0 unless packs > reg_end
+  // One row per block (a loop over rows keeps more values alive and spills); rows past 2^31 - 1 use y.
+  const int64_t row = blockIdx.x + static_cast<int64_t>(blockIdx.y) * gridDim.x;
+  if (row >= N) return;
+  const float gs = grad != nullptr ? *grad_scale : 0.f;
+  // Every branch below depends on the row only, so it is uniform over the block.
+  const int64_t label = labels[row];
+  const bool ignored = label == ignore_index;
+  const bool is_dropped = !ignored && dropped != nullptr && dropped[row];
+  const P* in = reinterpret_cast<const P*>(logits + row * V);
+  P* out = grad != nullptr ? reinterpret_cast<P*>(grad + row * V) : nullptr;
+
+  if (ignored || (is_dropped && !dropped_loss)) {
+    if (tid == 0) row_loss[row] = 0.f;
+    if (out != nullptr) write_zero_row(out, packs);
+    return;
+  }
+
+  // An out-of-range label (torch would assert) yields a NaN loss rather than an out-of-bounds read.
+  const bool label_ok = label >= 0 && label < V;
+  float x_label = CUDART_NAN_F;
+  if (tid == 0 && label_ok) x_label = to_float(logits[row * V + label]);  // read before any write of the row
+
+  // Issue every read of the row up front: the shared-memory tier by cp.async, the re-read tier as L2
+  // prefetches (they hold no registers, and evict_last keeps the lines for pass 2), then the registers.
+  for (int i = tid; i < staged_packs; i += nthreads) stage_pack(staged + i, in + reg_end + i);
+  if (reread_begin < packs) prefetch_l2_evict_last(in + reread_begin, in + packs);
+  P regs[kRegPacks];
+#pragma unroll
+  for (int r = 0; r < kRegPacks; ++r) {
+    const int u = r * nthreads + tid;
+    regs[r] = u < packs ? load_evict_first(in + u) : filled<T, W>(-CUDART_INF_F);  // -inf adds nothing
+  }
+
+  // Pass 1: fold the tiers into the thread's (max, sum) pair, the register tier last against the final
+  // max so that its exponentials need no rebasing.
+  float m = -CUDART_INF_F;
+  float s = 0.f;
+  for (int u = reread_begin + tid; u < packs; u += nthreads) fold_pack(m, s, load_normal(in + u));
+  wait_staged();  // this thread's own copies; no other thread reads them
+  for (int i = tid; i < staged_packs; i += nthreads) fold_pack(m, s, staged[i]);
+  {
+    float reg_max = -CUDART_INF_F;
+#pragma unroll
+    for (int r = 0; r < kRegPacks; ++r) reg_max = fmaxf(reg_max, pack_max(regs[r]));
+    if (reg_max > m) {
+      s = rebase(s, m, reg_max);
+      m = reg_max;
+    }
+    const float shift = shift_of(m);
+#pragma unroll
+    for (int r = 0; r < kRegPacks; ++r)
+#pragma unroll
+      for (int e = 0; e < W; ++e) s += exp_shifted(to_float(regs[r].v[e]), shift);
+  }
+
+  const float2 stats = block_reduce(m, s, scratch);
+  const float row_max = stats.x, row_sum = stats.y;
+  const float shift = shift_of(row_max);
+  if (tid == 0) row_loss[row] = (row_max - x_label) + log2f(row_sum) * kLn2;
+
+  if (out == nullptr) return;
+  if (is_dropped) {
+    write_zero_row(out, packs);
+    return;
+  }
+  const float k = gs / row_sum;
+  const int label_pack = label_ok ? static_cast<int>(label / W) : -1;
+  const int label_in_pack = static_cast<int>(label % W);
+  auto lane_of_label = [&](int u) { return u == label_pack ? label_in_pack : -1; };
+
+  // Pass 2: the re-read tier first and backwards, so the lines read last in pass 1 are read first.
+  if (reread_begin + tid < packs) {
+    const int last = packs - 1 - (packs - 1 - reread_begin - tid) % nthreads;  // this thread's last pack
+    for (int u = last; u >= reread_begin; u -= nthreads)
+      write_grad_pack(out + u, load_evict_first(in + u), shift, k, gs, lane_of_label(u));
+  }
+  for (int i = tid; i < staged_packs; i += nthreads) {
+    const int u = reg_end + i;
+    write_grad_pack(out + u, staged[i], shift, k, gs, lane_of_label(u));
+  }
+#pragma unroll
+  for (int r = 0; r < kRegPacks; ++r) {
+    const int u = r * nthreads + tid;
+    if (u < packs) write_grad_pack(out + u, regs[r], shift, k, gs, lane_of_label(u));
+  }
+}
+
+// Block size and shared-memory tier of the cross-entropy kernel for one row length.
+struct CrossEntropyPlan {
+  int threads;
+  int64_t staged_packs;
+};
+
+// A row of `packs` packs of `pack_bytes` bytes. A block of t threads holds kRegPacks * t packs in
+// registers, and with at most 64 registers a thread, 1024 / t such blocks share a multiprocessor. Take the
+// smallest t (more rows per multiprocessor, so one block's loads overlap another's reduction and stores)
+// for which registers plus an equal share of shared memory hold the whole row; rows too long for that take
+// 1024 threads, all the shared memory one block may have, and the re-read tier for the rest.
+// `static_smem` is the kernel's own shared memory, which counts against the same limits.
+CrossEntropyPlan plan_cross_entropy(int64_t packs, int pack_bytes, int64_t static_smem, int64_t smem_per_sm,
+                                    int64_t smem_per_block, int64_t smem_reserved_per_block) {
+  const int64_t threads_for_registers = (packs + kRegPacks - 1) / kRegPacks;
+  if (threads_for_registers <= 256) return {static_cast<int>((threads_for_registers + 31) / 32 * 32), 0};
+  const int64_t static_bytes = static_smem + smem_reserved_per_block;
+  for (int threads = 256; threads <= kMaxThreads; threads *= 2) {
+    const int64_t rest = packs - static_cast<int64_t>(kRegPacks) * threads;
+    if (rest <= 0) return {threads, 0};
+    const int64_t blocks_per_sm = kMaxThreads / threads;
+    const int64_t bytes = rest * pack_bytes;
+    if (bytes <= smem_per_block && blocks_per_sm * (bytes + static_bytes) <= smem_per_sm) return {threads, rest};
+  }
+  const int64_t rest = packs - static_cast<int64_t>(kRegPacks) * kMaxThreads;
+  const int64_t room = (smem_per_block - static_smem) / pack_bytes;
+  return {kMaxThreads, room < rest ? room : rest};
+}
+
+template <typename T, int W>
+cudaError_t launch_cross_entropy_typed(const T* logits, T* grad, float* row_loss, const int64_t* labels,
+                                       const bool* dropped, int64_t N, int64_t V, int64_t ignore_index,
+                                       bool dropped_loss, const float* grad_scale, cudaStream_t stream) {
+  // The kernel indexes inside a row with 32-bit integers, leaving headroom for its loop strides.
+  if (V > kMaxRowLength) return cudaErrorInvalidValue;
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  int smem_per_sm = 0, smem_per_block = 0, smem_reserved = 0;
+  if (err == cudaSuccess)
+    err = cudaDeviceGetAttribute(&smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
+  if (err == cudaSuccess)
+    err = cudaDeviceGetAttribute(&smem_per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err == cudaSuccess)
+    err = cudaDeviceGetAttribute(&smem_reserved, cudaDevAttrReservedSharedMemoryPerBlock, device);
+  auto kernel = cross_entropy_kernel<T, W>;
+  cudaFuncAttributes attributes;
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attributes, kernel);
+  if (err != cudaSuccess) return err;
+
+  constexpr int kPackBytes = static_cast<int>(sizeof(T)) * W;
+  const CrossEntropyPlan plan = plan_cross_entropy(V / W, kPackBytes, static_cast<int64_t>(attributes.sharedSizeBytes),
+                                                   smem_per_sm, smem_per_block, smem_reserved);
+  const size_t smem_bytes = static_cast<size_t>(plan.staged_packs) * kPackBytes;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
+  if (err != cudaSuccess) return err;
+  const int64_t max_grid_x = 0x7FFFFFFF;
+  const int64_t grid_x = N < max_grid_x ? N : max_grid_x;
+  const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>((N + grid_x - 1) / grid_x));
+  kernel<<<grid, plan.threads, smem_bytes, stream>>>(logits, grad, row_loss, labels, dropped, N, V, ignore_index,
+                                                     dropped_loss, grad_scale, static_cast<int>(plan.staged_packs));
+  return cudaGetLastError();
+}
+
+// 16-byte packs when every row of logits and grad starts on a 16-byte boundary, else single elements.
+template <typename T>
+cudaError_t launch_cross_entropy_dispatch(const void* logits, void* grad, float* row_loss, const int64_t* labels,
+                                          const bool* dropped, int64_t N, int64_t V, int64_t ignore_index,
+                                          bool dropped_loss, const float* grad_scale, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(T);
+  const bool aligned = V % kVec == 0 && reinterpret_cast<uintptr_t>(logits) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(grad) % 16 == 0;
+  const T* x = static_cast<const T*>(logits);
+  T* g = static_cast<T*>(grad);
+  if (aligned)
+    return launch_cross_entropy_typed<T, kVec>(x, g, row_loss, labels, dropped, N, V, ignore_index, dropped_loss,
+                                               grad_scale, stream);
+  return launch_cross_entropy_typed<T, 1>(x, g, row_loss, labels, dropped, N, V, ignore_index, dropped_loss,
+                                          grad_scale, stream);
+}
+
+// ---- row scaling --------------------------------------------------------------------------------------
+
+constexpr int kScaleThreads = 256;
+constexpr int kScaleUnroll = 4;
+constexpr int64_t kScaleChunk = static_cast<int64_t>(kScaleThreads) * kScaleUnroll;  // packs per work item
+
+// Work items are (row, chunk of kScaleChunk packs), so the row of a pack needs one division per item.
+template <typename T, int W>
+__global__ void __launch_bounds__(kScaleThreads)
+    scale_rows_kernel(T* grad, const float* scale, bool per_row, int64_t N, int64_t packs_per_row,
+                      int64_t chunks_per_row) {
+  using P = Pack<T, W>;
+  const float common = per_row ? 1.f : *scale;
+  if (!per_row && common == 1.f) return;
+  P* g = reinterpret_cast<P*>(grad);
+  const int64_t items = N * chunks_per_row;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int64_t row = item / chunks_per_row;
+    const float f = per_row ? scale[row] : common;
+    if (f == 1.f) continue;  // x * 1 == x: spare the row's traffic
+    const int64_t begin = row * packs_per_row;
+    const int64_t chunk_begin = (item - row * chunks_per_row) * kScaleChunk;
+    P p[kScaleUnroll];
+#pragma unroll
+    for (int j = 0; j < kScaleUnroll; ++j) {
+      const int64_t u = chunk_begin + j * kScaleThreads + threadIdx.x;
+      if (u < packs_per_row) p[j] = load_evict_first(g + begin + u);
+    }
+#pragma unroll
+    for (int j = 0; j < kScaleUnroll; ++j) {
+      const int64_t u = chunk_begin + j * kScaleThreads + threadIdx.x;
+      if (u < packs_per_row) {
+#pragma unroll
+        for (int e = 0; e < W; ++e) p[j].v[e] = from_float<T>(to_float(p[j].v[e]) * f);
+        store_evict_first(g + begin + u, p[j]);
+      }
+    }
+  }
+}
+
+template <typename T, int W>
+cudaError_t launch_scale_rows_typed(T* grad, const float* scale, bool per_row, int64_t N, int64_t V,
+                                    cudaStream_t stream) {
+  int device = 0, sms = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  const int64_t packs_per_row = V / W;
+  const int64_t chunks_per_row = (packs_per_row + kScaleChunk - 1) / kScaleChunk;
+  const int64_t items = N * chunks_per_row;
+  // A resident grid (8 blocks of 256 threads fill a multiprocessor) loops over the items, so the
+  // scale == 1 case costs one short wave of blocks rather than one block per item.
+  const int64_t resident = static_cast<int64_t>(sms) * 8;
+  const unsigned grid = static_cast<unsigned>(items < resident ? items : resident);
+  scale_rows_kernel<T, W><<<grid, kScaleThreads, 0, stream>>>(grad, scale, per_row, N, packs_per_row, chunks_per_row);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_scale_rows_dispatch(void* grad, const float* scale, bool per_row, int64_t N, int64_t V,
+                                       cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(T);
+  T* g = static_cast<T*>(grad);
+  if (V % kVec == 0 && reinterpret_cast<uintptr_t>(grad) % 16 == 0)
+    return launch_scale_rows_typed<T, kVec>(g, scale, per_row, N, V, stream);
+  return launch_scale_rows_typed<T, 1>(g, scale, per_row, N, V, stream);
+}
+
+}  // namespace
+
+cudaError_t launch_cross_entropy_cuda(FloatType dtype, const void* logits, void* grad, float* row_loss,
+                                      const int64_t* labels, const bool* dropped, int64_t N, int64_t V,
+                                      int64_t ignore_index, bool dropped_loss, const float* grad_scale,
+                                      cudaStream_t stream) {
+  if (N <= 0 || V <= 0) return cudaSuccess;
+  switch (dtype) {
+    case FloatType::kFloat32:
+      return launch_cross_entropy_dispatch<float>(logits, grad, row_loss, labels, dropped, N, V, ignore_index,
+                                                  dropped_loss, grad_scale, stream);
+    case FloatType::kBFloat16:
+      return launch_cross_entropy_dispatch<__nv_bfloat16>(logits, grad, row_loss, labels, dropped, N, V,
+                                                          ignore_index, dropped_loss, grad_scale, stream);
+    case FloatType::kFloat16:
+      return launch_cross_entropy_dispatch<__half>(logits, grad, row_loss, labels, dropped, N, V, ignore_index,
+                                                   dropped_loss, grad_scale, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_scale_rows_cuda(FloatType dtype, void* grad, const float* scale, bool per_row, int64_t N,
+                                   int64_t V, cudaStream_t stream) {
+  if (N <= 0 || V <= 0) return cudaSuccess;
+  switch (dtype) {
+    case FloatType::kFloat32:
+      return launch_scale_rows_dispatch<float>(grad, scale, per_row, N, V, stream);
+    case FloatType::kBFloat16:
+      return launch_scale_rows_dispatch<__nv_bfloat16>(grad, scale, per_row, N, V, stream);
+    case FloatType::kFloat16:
+      return launch_scale_rows_dispatch<__half>(grad, scale, per_row, N, V, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace goldfish
