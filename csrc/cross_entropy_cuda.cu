@@ -19,6 +19,7 @@
 // precision (as in torch's log_softmax).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 #include <math_constants.h>
 
@@ -28,6 +29,8 @@
 
 namespace goldfish {
 namespace {
+
+namespace cg = cooperative_groups;
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
@@ -187,7 +190,9 @@ __device__ __forceinline__ void fold_pack(float& m, float& s, const Pack<T, W>& 
 
 struct ReduceScratch {
   float2 warp[kMaxThreads / 32];
-  float2 row;  // the row's (max, sum) pair
+  float2 row;       // the block's (max, sum) pair
+  float x_label;    // logits[row, label], read before any gradient of the row is written
+  float grad_scale;
 };
 
 // Combines the block's pairs; every thread gets the row's pair. Must be reached by all threads.
@@ -221,7 +226,7 @@ __device__ __forceinline__ void write_zero_row(Pack<T, W>* out, int packs) {
 }
 
 // grad of one pack: softmax * gs, minus gs at the label. `label_lane` is the label's index inside this
-// pack, or -1.
+// pack (any value outside [0, W) when the label is elsewhere).
 template <typename T, int W>
 __device__ __forceinline__ void write_grad_pack(Pack<T, W>* out, const Pack<T, W>& x, float shift, float k, float gs,
                                                 int label_lane) {
@@ -236,7 +241,7 @@ template <typename T, int W>
 __global__ void __launch_bounds__(kMaxThreads)
     cross_entropy_kernel(const T* logits, T* grad, float* row_loss, const int64_t* labels, const bool* dropped,
                          int64_t N, int64_t V, int64_t ignore_index, bool dropped_loss, const float* grad_scale,
-                         int staged_packs) {
+                         int slices, int staged_packs) {
   using P = Pack<T, W>;
   extern __shared__ uint4 staged_raw[];  // uint4: 16-byte alignment for cp.async
   P* staged = reinterpret_cast<P*>(staged_raw);
@@ -244,33 +249,37 @@ __global__ void __launch_bounds__(kMaxThreads)
 
   const int tid = threadIdx.x;
   const int nthreads = blockDim.x;
+  // The row is cut into `slices` contiguous slices, one per block of a cluster (blocks slices * r ...
+  // slices * r + slices - 1 along x). Rows past what x can count continue along y. One row per block: a
+  // loop over rows would keep more values alive and spill.
+  const int slice = static_cast<int>(blockIdx.x % slices);
+  const int64_t row = blockIdx.x / slices + static_cast<int64_t>(blockIdx.y) * (gridDim.x / slices);
+  if (row >= N) return;  // uniform over the cluster
   // In-row indices are 32-bit (the launcher rejects V >= 2^31); only row offsets need 64 bits.
-  const int packs = static_cast<int>(V / W);  // exact: W > 1 only when W divides V
+  const int row_packs = static_cast<int>(V / W);  // exact: W > 1 only when W divides V
+  const int slice_packs = (row_packs + slices - 1) / slices;
+  const int slice_begin = min(row_packs, slice * slice_packs);
+  const int packs = min(slice_packs, row_packs - slice_begin);  // this block's packs (maybe none)
   const int reg_end = kRegPacks * nthreads;
   const int reread_begin = reg_end + staged_packs;  // staged_packs is 0 unless packs > reg_end
-  // One row per block (a loop over rows keeps more values alive and spills); rows past 2^31 - 1 use y.
-  const int64_t row = blockIdx.x + static_cast<int64_t>(blockIdx.y) * gridDim.x;
-  if (row >= N) return;
-  const float gs = grad != nullptr ? *grad_scale : 0.f;
-  // Every branch below depends on the row only, so it is uniform over the block.
+  // Every branch below depends on the row only, so it is uniform over the block and the cluster.
   const int64_t label = labels[row];
   const bool ignored = label == ignore_index;
   const bool is_dropped = !ignored && dropped != nullptr && dropped[row];
-  const P* in = reinterpret_cast<const P*>(logits + row * V);
-  P* out = grad != nullptr ? reinterpret_cast<P*>(grad + row * V) : nullptr;
+  const P* in = reinterpret_cast<const P*>(logits + row * V) + slice_begin;
+  P* out = grad != nullptr ? reinterpret_cast<P*>(grad + row * V) + slice_begin : nullptr;
 
   if (ignored || (is_dropped && !dropped_loss)) {
-    if (tid == 0) row_loss[row] = 0.f;
+    if (tid == 0 && slice == 0) row_loss[row] = 0.f;
     if (out != nullptr) write_zero_row(out, packs);
     return;
   }
 
-  // An out-of-range label (torch would assert) yields a NaN loss rather than an out-of-bounds read.
   const bool label_ok = label >= 0 && label < V;
-  float x_label = CUDART_NAN_F;
-  if (tid == 0 && label_ok) x_label = to_float(logits[row * V + label]);  // read before any write of the row
+  // The label's element index inside this slice; any negative or large value never matches a pack.
+  const int label_pos = label_ok ? static_cast<int>(label - static_cast<int64_t>(slice_begin) * W) : -W;
 
-  // Issue every read of the row up front: the shared-memory tier by cp.async, the re-read tier as L2
+  // Issue every read of the slice up front: the shared-memory tier by cp.async, the re-read tier as L2
   // prefetches (they hold no registers, and evict_last keeps the lines for pass 2), then the registers.
   for (int i = tid; i < staged_packs; i += nthreads) stage_pack(staged + i, in + reg_end + i);
   if (reread_begin < packs) prefetch_l2_evict_last(in + reread_begin, in + packs);
@@ -279,6 +288,12 @@ __global__ void __launch_bounds__(kMaxThreads)
   for (int r = 0; r < kRegPacks; ++r) {
     const int u = r * nthreads + tid;
     regs[r] = u < packs ? load_evict_first(in + u) : filled<T, W>(-CUDART_INF_F);  // -inf adds nothing
+  }
+  // Scalars needed after the reduction go through shared memory rather than stay in registers through
+  // pass 1. An out-of-range label (torch would assert) yields a NaN loss, not an out-of-bounds read.
+  if (tid == 0) {
+    scratch.x_label = label_ok ? to_float(logits[row * V + label]) : CUDART_NAN_F;
+    scratch.grad_scale = grad != nullptr ? *grad_scale : 0.f;
   }
 
   // Pass 1: fold the tiers into the thread's (max, sum) pair, the register tier last against the final
@@ -303,65 +318,89 @@ __global__ void __launch_bounds__(kMaxThreads)
       for (int e = 0; e < W; ++e) s += exp_shifted(to_float(regs[r].v[e]), shift);
   }
 
-  const float2 stats = block_reduce(m, s, scratch);
+  float2 stats = block_reduce(m, s, scratch);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (slices > 1) {
+    // Every block combines the slices' pairs in the same order, so all get the same bits.
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();  // each block's pair is in its scratch.row
+    float cm = -CUDART_INF_F, cs = 0.f;
+    for (int r = 0; r < slices; ++r) {
+      const float2 part = *cluster.map_shared_rank(&scratch.row, r);
+      combine(cm, cs, part.x, part.y);
+    }
+    stats = make_float2(cm, cs);
+    cluster.barrier_arrive();  // done reading the other blocks' shared memory; waited for before exiting
+  }
+#endif
   const float row_max = stats.x, row_sum = stats.y;
-  const float shift = shift_of(row_max);
-  if (tid == 0) row_loss[row] = (row_max - x_label) + log2f(row_sum) * kLn2;
+  if (tid == 0 && slice == 0) row_loss[row] = (row_max - scratch.x_label) + log2f(row_sum) * kLn2;
 
-  if (out == nullptr) return;
-  if (is_dropped) {
+  if (out != nullptr && is_dropped) {
     write_zero_row(out, packs);
-    return;
-  }
-  const float k = gs / row_sum;
-  const int label_pack = label_ok ? static_cast<int>(label / W) : -1;
-  const int label_in_pack = static_cast<int>(label % W);
-  auto lane_of_label = [&](int u) { return u == label_pack ? label_in_pack : -1; };
+  } else if (out != nullptr) {
+    const float shift = shift_of(row_max);
+    const float gs = scratch.grad_scale;
+    const float k = gs / row_sum;
+    auto lane_of_label = [&](int u) { return label_pos - u * W; };
 
-  // Pass 2: the re-read tier first and backwards, so the lines read last in pass 1 are read first.
-  if (reread_begin + tid < packs) {
-    const int last = packs - 1 - (packs - 1 - reread_begin - tid) % nthreads;  // this thread's last pack
-    for (int u = last; u >= reread_begin; u -= nthreads)
-      write_grad_pack(out + u, load_evict_first(in + u), shift, k, gs, lane_of_label(u));
-  }
-  for (int i = tid; i < staged_packs; i += nthreads) {
-    const int u = reg_end + i;
-    write_grad_pack(out + u, staged[i], shift, k, gs, lane_of_label(u));
-  }
+    // Pass 2: the re-read tier first and backwards, so the lines read last in pass 1 are read first.
+    if (reread_begin + tid < packs) {
+      const int last = packs - 1 - (packs - 1 - reread_begin - tid) % nthreads;  // this thread's last pack
+      for (int u = last; u >= reread_begin; u -= nthreads)
+        write_grad_pack(out + u, load_evict_first(in + u), shift, k, gs, lane_of_label(u));
+    }
+    for (int i = tid; i < staged_packs; i += nthreads) {
+      const int u = reg_end + i;
+      write_grad_pack(out + u, staged[i], shift, k, gs, lane_of_label(u));
+    }
 #pragma unroll
-  for (int r = 0; r < kRegPacks; ++r) {
-    const int u = r * nthreads + tid;
-    if (u < packs) write_grad_pack(out + u, regs[r], shift, k, gs, lane_of_label(u));
+    for (int r = 0; r < kRegPacks; ++r) {
+      const int u = r * nthreads + tid;
+      if (u < packs) write_grad_pack(out + u, regs[r], shift, k, gs, lane_of_label(u));
+    }
   }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (slices > 1) cg::this_cluster().barrier_wait();  // no block leaves while another may read its scratch
+#endif
 }
 
-// Block size and shared-memory tier of the cross-entropy kernel for one row length.
+// Launch shape of the cross-entropy kernel for one row length: the row is cut into `slices` slices (one
+// block each, in one cluster), each block has `threads` threads and `staged_packs` packs of shared memory.
 struct CrossEntropyPlan {
+  int slices;
   int threads;
   int64_t staged_packs;
 };
 
 // A row of `packs` packs of `pack_bytes` bytes. A block of t threads holds kRegPacks * t packs in
-// registers, and with at most 64 registers a thread, 1024 / t such blocks share a multiprocessor. Take the
-// smallest t (more rows per multiprocessor, so one block's loads overlap another's reduction and stores)
-// for which registers plus an equal share of shared memory hold the whole row; rows too long for that take
-// 1024 threads, all the shared memory one block may have, and the re-read tier for the rest.
-// `static_smem` is the kernel's own shared memory, which counts against the same limits.
+// registers, and with at most 64 registers a thread, 1024 / t such blocks share a multiprocessor.
+// Preferred: slices whose registers plus an equal share of shared memory hold them with at least two
+// blocks per multiprocessor (one block's loads then overlap another's reduction and stores), with as few
+// slices and threads as possible. Then one 1024-thread block per row with all the shared memory it may
+// have, and the re-read tier for the rest. `static_smem` is the kernel's own shared memory;
+// `max_slices` is 1 where clusters are not available.
 CrossEntropyPlan plan_cross_entropy(int64_t packs, int pack_bytes, int64_t static_smem, int64_t smem_per_sm,
-                                    int64_t smem_per_block, int64_t smem_reserved_per_block) {
+                                    int64_t smem_per_block, int64_t smem_reserved_per_block, int max_slices) {
   const int64_t threads_for_registers = (packs + kRegPacks - 1) / kRegPacks;
-  if (threads_for_registers <= 256) return {static_cast<int>((threads_for_registers + 31) / 32 * 32), 0};
-  const int64_t static_bytes = static_smem + smem_reserved_per_block;
-  for (int threads = 256; threads <= kMaxThreads; threads *= 2) {
-    const int64_t rest = packs - static_cast<int64_t>(kRegPacks) * threads;
-    if (rest <= 0) return {threads, 0};
-    const int64_t blocks_per_sm = kMaxThreads / threads;
-    const int64_t bytes = rest * pack_bytes;
-    if (bytes <= smem_per_block && blocks_per_sm * (bytes + static_bytes) <= smem_per_sm) return {threads, rest};
+  if (threads_for_registers <= 256) return {1, static_cast<int>((threads_for_registers + 31) / 32 * 32), 0};
+  auto staged_fits = [&](int64_t staged, int blocks_per_sm) {
+    const int64_t bytes = staged * pack_bytes;
+    return bytes + static_smem <= smem_per_block &&
+           blocks_per_sm * (bytes + static_smem + smem_reserved_per_block) <= smem_per_sm;
+  };
+  for (int slices = 1; slices <= max_slices; slices *= 2) {
+    const int64_t slice_packs = (packs + slices - 1) / slices;
+    for (int threads = 256; threads <= kMaxThreads / 2; threads *= 2) {
+      const int64_t rest = slice_packs - static_cast<int64_t>(kRegPacks) * threads;
+      if (rest <= 0) return {slices, threads, 0};
+      if (staged_fits(rest, kMaxThreads / threads)) return {slices, threads, rest};
+    }
   }
   const int64_t rest = packs - static_cast<int64_t>(kRegPacks) * kMaxThreads;
+  if (rest <= 0) return {1, kMaxThreads, 0};
   const int64_t room = (smem_per_block - static_smem) / pack_bytes;
-  return {kMaxThreads, room < rest ? room : rest};
+  return {1, kMaxThreads, room < rest ? room : rest};
 }
 
 template <typename T, int W>
@@ -384,17 +423,31 @@ cudaError_t launch_cross_entropy_typed(const T* logits, T* grad, float* row_loss
   if (err == cudaSuccess) err = cudaFuncGetAttributes(&attributes, kernel);
   if (err != cudaSuccess) return err;
 
+  // Clusters need the kernel's sm_90 build (its cluster code is compiled out below that).
+  const int max_slices = attributes.binaryVersion >= 90 ? 8 : 1;
   constexpr int kPackBytes = static_cast<int>(sizeof(T)) * W;
   const CrossEntropyPlan plan = plan_cross_entropy(V / W, kPackBytes, static_cast<int64_t>(attributes.sharedSizeBytes),
-                                                   smem_per_sm, smem_per_block, smem_reserved);
+                                                   smem_per_sm, smem_per_block, smem_reserved, max_slices);
   const size_t smem_bytes = static_cast<size_t>(plan.staged_packs) * kPackBytes;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
   if (err != cudaSuccess) return err;
-  const int64_t max_grid_x = 0x7FFFFFFF;
-  const int64_t grid_x = N < max_grid_x ? N : max_grid_x;
-  const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>((N + grid_x - 1) / grid_x));
-  kernel<<<grid, plan.threads, smem_bytes, stream>>>(logits, grad, row_loss, labels, dropped, N, V, ignore_index,
-                                                     dropped_loss, grad_scale, static_cast<int>(plan.staged_packs));
+
+  const int64_t rows_x = N < 0x7FFFFFFF / plan.slices ? N : 0x7FFFFFFF / plan.slices;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(rows_x * plan.slices), static_cast<unsigned>((N + rows_x - 1) / rows_x));
+  config.blockDim = dim3(plan.threads);
+  config.dynamicSmemBytes = smem_bytes;
+  config.stream = stream;
+  cudaLaunchAttribute cluster;
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = plan.slices;
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = 1;
+  config.attrs = &cluster;
+  config.numAttrs = plan.slices > 1 ? 1 : 0;
+  err = cudaLaunchKernelEx(&config, kernel, logits, grad, row_loss, labels, dropped, N, V, ignore_index, dropped_loss,
+                           grad_scale, plan.slices, static_cast<int>(plan.staged_packs));
+  if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }
 

@@ -20,11 +20,12 @@ except ImportError as error:  # pragma: no cover - exercised only on a broken in
     ) from error
 
 ops = torch.ops.goldfish_ds
+_BACKENDS = tuple(_C.compiled_backends())
 
 
 def compiled_backends() -> List[str]:
     """Devices whose kernels this build contains, e.g. ["cpu"] or ["cpu", "cuda"]."""
-    return list(_C.compiled_backends())
+    return list(_BACKENDS)
 
 
 def cpu_capability() -> str:
@@ -34,7 +35,7 @@ def cpu_capability() -> str:
 
 def check_device_supported(device: torch.device) -> None:
     """Raise a clear error when this build has no kernels for `device`."""
-    if device.type not in compiled_backends():
+    if device.type not in _BACKENDS:
         raise RuntimeError(
             f"goldfish_ds: this build has kernels for {compiled_backends()}, not for {device.type!r} tensors. "
             "Rebuild on a machine with a CUDA build of torch and nvcc (pip install --no-build-isolation -e .)."

@@ -106,6 +106,9 @@ def goldfish_cross_entropy(
     if not isinstance(logits, torch.Tensor) or logits.dim() not in (2, 3):
         raise ValueError("goldfish_cross_entropy: logits must be a [B, T, V] or [N, V] tensor, got "
                          f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
+    if logits.shape[-1] < 1:
+        raise ValueError(f"goldfish_cross_entropy: logits need a vocabulary dimension V >= 1, got shape "
+                         f"{tuple(logits.shape)}")
     if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(logits.shape[:-1]):
         raise ValueError(f"goldfish_cross_entropy: labels must have shape {tuple(logits.shape[:-1])} "
                          f"(logits' shape without V), got "

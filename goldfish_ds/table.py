@@ -55,6 +55,7 @@ def _device_table(path: Optional[str], device: torch.device) -> torch.Tensor:
     return _cpu_table(path).to(device)
 
 
+@torch.compiler.disable  # a cached lookup, not something to trace
 def hash_table(device: torch.device, path: Optional[str] = None) -> torch.Tensor:
     """The table for `path` (None: the official table drawn on the CPU), cached on `device`."""
     return _device_table(path, torch.device(device))
