@@ -42,11 +42,13 @@ def build_cuda() -> bool:
 
 def extension():
     capability = cpu_capability()
-    cxx = ["-O3", "-std=c++17", f"-DCPU_CAPABILITY={capability}", f'-DGOLDFISH_CPU_CAPABILITY="{capability}"']
+    # -fopenmp: at::parallel_for is a header template that is only parallel where OpenMP is enabled.
+    cxx = ["-O3", "-std=c++17", "-fopenmp", f"-DCPU_CAPABILITY={capability}",
+           f'-DGOLDFISH_CPU_CAPABILITY="{capability}"']
     cxx += CPU_FLAGS[capability]
     sources = ["csrc/bindings.cpp", "csrc/mask_cpu.cpp", "csrc/cross_entropy_cpu.cpp"]
     if not build_cuda():
-        return CppExtension("goldfish_ds._C", sources, extra_compile_args={"cxx": cxx})
+        return CppExtension("goldfish_ds._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     sources += ["csrc/bindings_cuda.cpp"] + sorted(glob.glob("csrc/*.cu"))
     nvcc = ["-O3", "-std=c++17", "-lineinfo"]
     return CUDAExtension(
@@ -54,6 +56,7 @@ def extension():
         sources,
         define_macros=[("GOLDFISH_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=["-fopenmp"],
     )
 
 

@@ -1,18 +1,20 @@
 // Fused masked cross-entropy (loss and gradient in one pass over the logits) and the row scaling of the
 // gradient, on the GPU.
 //
-// Layout of the cross-entropy kernel: one block per row. A row is cut into packs of W elements (16 bytes
-// when the rows are 16-byte aligned, else single elements), and pack u belongs to thread u % blockDim.x.
-// Each thread keeps its packs in one of three tiers, all filled by the single read of the row:
-//   1. registers: its first kRegPacks packs (the row's first kRegPacks * blockDim.x packs);
-//   2. shared memory: the next `staged_packs` packs of the row, copied asynchronously (cp.async);
-//   3. re-read: whatever is left (only rows longer than registers and shared memory of one multiprocessor
-//      hold, e.g. V = 128256 fp32). It is prefetched into L2 with the evict_last priority when the row is
-//      started, and every other access is marked evict-first, so that its lines are still in L2 when pass 2
-//      reads them again (backwards: the lines pass 1 read last come first).
-// Pass 1 folds each thread's elements into an online (max, sum of exp) pair, one block reduction combines
-// the pairs, and pass 2 writes the gradient from the kept copies. Each thread reads and writes only its
-// own packs, and only after the reduction's barriers, so grad may alias logits.
+// Layout of the cross-entropy kernel: one block per row, or, for long rows on sm_90, one cluster of blocks
+// per row, each block taking a contiguous slice and the blocks combining their (max, sum) pairs through
+// distributed shared memory. A slice is cut into packs of W elements (16 bytes when the rows are 16-byte
+// aligned, else single elements), and pack u belongs to thread u % blockDim.x. Each thread keeps its
+// packs in one of three tiers, all filled by the single read of the row:
+//   1. registers: its first kRegPacks packs (the slice's first kRegPacks * blockDim.x packs);
+//   2. shared memory: the next packs, as many as the planned capacity, copied asynchronously (cp.async);
+//   3. re-read: whatever is left, only where slices cannot do (V = 128256 fp32 on sm_80, or rows longer
+//      than 8 multiprocessors hold). It is prefetched into L2 with the evict_last priority when the row is
+//      started, and every other access is marked evict-first, so that its lines are still in L2 when
+//      pass 2 reads them again (backwards: the lines pass 1 read last come first).
+// Pass 1 folds each thread's elements into an online (max, sum of exp) pair, one block (and cluster)
+// reduction combines the pairs, and pass 2 writes the gradient from the kept copies. Each thread reads and
+// writes only its own packs, and writes only after the reduction's barriers, so grad may alias logits.
 //
 // Numerics: fp32 throughout, exponentials as exp2((x - max) * log2(e)). The loss is taken as
 // (max - x[label]) + log(sum exp(x - max)) rather than lse - x[label], so a small loss keeps its relative
@@ -134,11 +136,20 @@ __device__ __forceinline__ void prefetch_l2_evict_last(const P* begin, const P* 
 // -inf, and -inf - 0 gives exp2(-inf) = 0 where -inf - (-inf) would give NaN).
 __device__ __forceinline__ float shift_of(float m) { return m == -CUDART_INF_F ? 0.f : m; }
 
-__device__ __forceinline__ float exp_shifted(float x, float shift) { return exp2f((x - shift) * kLog2e); }
+// 2^x by the hardware's ex2 (2 ulp, what __expf uses), without exp2f's rescaling for subnormal results:
+// those are more than 2^126 below the largest term of the row, far below what the fp32 sum or the gradient
+// can resolve, and flushing them to zero saves instructions and registers in the hot loops.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ float exp_shifted(float x, float shift) { return fast_exp2((x - shift) * kLog2e); }
 
 // s expressed relative to m_new >= m_old instead of m_old.
 __device__ __forceinline__ float rebase(float s, float m_old, float m_new) {
-  return m_old == -CUDART_INF_F ? 0.f : s * exp2f((m_old - m_new) * kLog2e);
+  return m_old == -CUDART_INF_F ? 0.f : s * fast_exp2((m_old - m_new) * kLog2e);
 }
 
 __device__ __forceinline__ void combine(float& m, float& s, float m2, float s2) {
@@ -241,7 +252,7 @@ template <typename T, int W>
 __global__ void __launch_bounds__(kMaxThreads)
     cross_entropy_kernel(const T* logits, T* grad, float* row_loss, const int64_t* labels, const bool* dropped,
                          int64_t N, int64_t V, int64_t ignore_index, bool dropped_loss, const float* grad_scale,
-                         int slices, int staged_packs) {
+                         int slices, int staged_capacity) {
   using P = Pack<T, W>;
   extern __shared__ uint4 staged_raw[];  // uint4: 16-byte alignment for cp.async
   P* staged = reinterpret_cast<P*>(staged_raw);
@@ -261,7 +272,9 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int slice_begin = min(row_packs, slice * slice_packs);
   const int packs = min(slice_packs, row_packs - slice_begin);  // this block's packs (maybe none)
   const int reg_end = kRegPacks * nthreads;
-  const int reread_begin = reg_end + staged_packs;  // staged_packs is 0 unless packs > reg_end
+  // Packs in shared memory: the capacity is planned for the longest slice; the last one may be shorter.
+  const int staged_packs = max(0, min(staged_capacity, packs - reg_end));
+  const int reread_begin = reg_end + staged_packs;
   // Every branch below depends on the row only, so it is uniform over the block and the cluster.
   const int64_t label = labels[row];
   const bool ignored = label == ignore_index;
@@ -374,28 +387,26 @@ struct CrossEntropyPlan {
 };
 
 // A row of `packs` packs of `pack_bytes` bytes. A block of t threads holds kRegPacks * t packs in
-// registers, and with at most 64 registers a thread, 1024 / t such blocks share a multiprocessor.
-// Preferred: slices whose registers plus an equal share of shared memory hold them with at least two
-// blocks per multiprocessor (one block's loads then overlap another's reduction and stores), with as few
-// slices and threads as possible. Then one 1024-thread block per row with all the shared memory it may
-// have, and the re-read tier for the rest. `static_smem` is the kernel's own shared memory;
-// `max_slices` is 1 where clusters are not available.
+// registers; with at most 64 registers a thread, two 512-thread blocks share a multiprocessor, so that one
+// block's loads overlap the other's reduction and stores (one 1024-thread block per multiprocessor measured
+// 10 to 20 points of copy bandwidth slower on an H200). Preferred, in order: one 512-thread block per row;
+// the fewest slices (blocks of a cluster) whose registers plus half a multiprocessor's shared memory hold
+// them; one 1024-thread block per row with all the shared memory it may have, and the re-read tier for the
+// rest. `static_smem` is the kernel's own shared memory; `max_slices` is 1 where clusters are not available.
 CrossEntropyPlan plan_cross_entropy(int64_t packs, int pack_bytes, int64_t static_smem, int64_t smem_per_sm,
                                     int64_t smem_per_block, int64_t smem_reserved_per_block, int max_slices) {
-  const int64_t threads_for_registers = (packs + kRegPacks - 1) / kRegPacks;
-  if (threads_for_registers <= 256) return {1, static_cast<int>((threads_for_registers + 31) / 32 * 32), 0};
-  auto staged_fits = [&](int64_t staged, int blocks_per_sm) {
-    const int64_t bytes = staged * pack_bytes;
-    return bytes + static_smem <= smem_per_block &&
-           blocks_per_sm * (bytes + static_smem + smem_reserved_per_block) <= smem_per_sm;
-  };
+  constexpr int kThreads = kMaxThreads / 2;
+  constexpr int64_t kBlockRegPacks = static_cast<int64_t>(kRegPacks) * kThreads;
+  if (packs <= kBlockRegPacks) {
+    const int64_t threads = (packs + kRegPacks - 1) / kRegPacks;
+    return {1, static_cast<int>((threads + 31) / 32 * 32), 0};
+  }
   for (int slices = 1; slices <= max_slices; slices *= 2) {
-    const int64_t slice_packs = (packs + slices - 1) / slices;
-    for (int threads = 256; threads <= kMaxThreads / 2; threads *= 2) {
-      const int64_t rest = slice_packs - static_cast<int64_t>(kRegPacks) * threads;
-      if (rest <= 0) return {slices, threads, 0};
-      if (staged_fits(rest, kMaxThreads / threads)) return {slices, threads, rest};
-    }
+    const int64_t rest = (packs + slices - 1) / slices - kBlockRegPacks;
+    if (rest <= 0) return {slices, kThreads, 0};
+    const int64_t bytes = rest * pack_bytes + static_smem;
+    if (bytes <= smem_per_block && 2 * (bytes + smem_reserved_per_block) <= smem_per_sm)
+      return {slices, kThreads, rest};
   }
   const int64_t rest = packs - static_cast<int64_t>(kRegPacks) * kMaxThreads;
   if (rest <= 0) return {1, kMaxThreads, 0};
