@@ -9,17 +9,6 @@
 namespace goldfish {
 namespace {
 
-// Calls f(scalar_t{}) for the logits dtypes the kernels support (float32, bfloat16, float16).
-template <typename F>
-void dispatch_logits_dtype(at::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case at::kFloat: return f(float{});
-    case at::kBFloat16: return f(c10::BFloat16{});
-    case at::kHalf: return f(c10::Half{});
-    default: TORCH_CHECK(false, "goldfish_ds: logits must be float32, bfloat16 or float16, got ", dtype);
-  }
-}
-
 at::Tensor goldfish_mask_cpu(const at::Tensor& labels, int64_t strategy, int64_t k, int64_t h,
                              int64_t start_position, int64_t ignore_index, bool preceding,
                              const c10::optional<at::Tensor>& table, const c10::optional<at::Tensor>& exempt_ids,

@@ -22,12 +22,42 @@ namespace {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kBlock = 2048;  // floats per block: 8 KiB, resident in L1 between its two uses
 
-float block_max(const float* x, int64_t n) {
+constexpr int64_t kPrefetchBytes = 16384;  // how far ahead of the first pass memory is requested
+
+float max_of(Vec v) {
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, v);
+}
+
+// First touch of a block x[0, n): returns its max and, for bfloat16/float16, stores it as float32 in e.
+// It requests the memory kPrefetchBytes ahead (one cache line per iteration; rows are contiguous, so
+// this runs into the next row), so the loads of later blocks overlap with this block's exponentials.
+template <typename scalar_t>
+float load_block(const scalar_t* x, float* e, int64_t n) {
+  constexpr int64_t kAhead = kPrefetchBytes / sizeof(scalar_t);
   Vec acc(-std::numeric_limits<float>::infinity());
   int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) acc = at::vec::maximum(acc, Vec::loadu(x + j));
-  float m = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, acc);
-  for (; j < n; ++j) m = std::max(m, x[j]);
+  float m;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (; j + Vec::size() <= n; j += Vec::size()) {  // 16 floats: one cache line with AVX512
+      __builtin_prefetch(x + j + kAhead);
+      acc = at::vec::maximum(acc, Vec::loadu(x + j));
+    }
+    m = max_of(acc);
+    for (; j < n; ++j) m = std::max(m, x[j]);
+  } else {
+    for (; j + 2 * Vec::size() <= n; j += 2 * Vec::size()) {
+      __builtin_prefetch(x + j + kAhead);
+      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(x + j));
+      lo.store(e + j);
+      hi.store(e + j + Vec::size());
+      acc = at::vec::maximum(acc, at::vec::maximum(lo, hi));
+    }
+    m = max_of(acc);
+    for (; j < n; ++j) {
+      e[j] = static_cast<float>(x[j]);
+      m = std::max(m, e[j]);
+    }
+  }
   return m;
 }
 
@@ -37,7 +67,7 @@ float exp_and_sum(const float* x, float* e, int64_t n, float m) {
   Vec acc(0.f);
   int64_t j = 0;
   for (; j + Vec::size() <= n; j += Vec::size()) {
-    const Vec v = (Vec::loadu(x + j) - vm).exp();
+    const Vec v = (Vec::loadu(x + j) - vm).exp_u20();
     v.store(e + j);
     acc = acc + v;
   }
@@ -51,26 +81,18 @@ float exp_and_sum(const float* x, float* e, int64_t n, float m) {
 
 // One read of the row x [V]: e[j] = exp(x[j] - block_offset[j / kBlock]), where each block's offset is
 // the running max when the block was read. Returns {max, sum of exp(x - max)}.
-// `next` (may be null) is the row to be read after this one: it is prefetched block by block, so its
-// memory streams in while this row is computed.
 template <typename scalar_t>
-std::pair<float, float> online_softmax(const scalar_t* x, int64_t V, float* e, float* block_offset,
-                                       const scalar_t* next) {
+std::pair<float, float> online_softmax(const scalar_t* x, int64_t V, float* e, float* block_offset) {
   float m = -std::numeric_limits<float>::infinity(), sum = 0.f;
-  constexpr int64_t kLine = 64 / sizeof(scalar_t);  // elements per cache line
   for (int64_t b0 = 0, b = 0; b0 < V; b0 += kBlock, ++b) {
     const int64_t n = std::min(kBlock, V - b0);
-    if (next != nullptr) {
-      for (int64_t j = 0; j < n; j += kLine) __builtin_prefetch(next + b0 + j);
-    }
+    const float bm = load_block(x + b0, e + b0, n);
     const float* xb;
     if constexpr (std::is_same_v<scalar_t, float>) {
       xb = x + b0;
     } else {
-      at::vec::convert(x + b0, e + b0, n);
       xb = e + b0;
     }
-    const float bm = block_max(xb, n);
     if (bm > m) {
       sum = sum == 0.f ? 0.f : sum * std::exp(m - bm);
       m = bm;
@@ -90,8 +112,14 @@ void write_gradient(float* e, const float* block_coef, int64_t V, scalar_t* g) {
     if constexpr (std::is_same_v<scalar_t, float>) {
       at::vec::map([c](Vec v) { return v * c; }, g + b0, e + b0, n);
     } else {
-      at::vec::map([c](Vec v) { return v * c; }, e + b0, e + b0, n);
-      at::vec::convert(e + b0, g + b0, n);
+      const float* eb = e + b0;
+      scalar_t* gb = g + b0;
+      int64_t j = 0;
+      for (; j + 2 * Vec::size() <= n; j += 2 * Vec::size()) {
+        const Vec lo = Vec::loadu(eb + j) * c, hi = Vec::loadu(eb + j + Vec::size()) * c;
+        at::vec::convert_from_float<scalar_t>(lo, hi).store(gb + j);
+      }
+      for (; j < n; ++j) gb[j] = static_cast<scalar_t>(eb[j] * block_coef[b]);
     }
   }
 }
@@ -121,8 +149,7 @@ void cross_entropy_cpu(const scalar_t* logits, scalar_t* grad, float* row_loss, 
       }
       const scalar_t* x = logits + i * V;
       const float target_logit = static_cast<float>(x[y]);
-      const scalar_t* next = i + 1 < end ? x + V : nullptr;
-      const auto [m, sum] = online_softmax(x, V, e.data(), block_coef.data(), next);
+      const auto [m, sum] = online_softmax(x, V, e.data(), block_coef.data());
       const float lse = m + std::log(sum);
       row_loss[i] = lse - target_logit;
       if (!g) continue;

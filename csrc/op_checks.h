@@ -10,6 +10,17 @@
 
 namespace goldfish {
 
+// Calls f(scalar_t{}) for the logits dtypes the CPU kernels support (float32, bfloat16, float16).
+template <typename F>
+void dispatch_logits_dtype(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat: return f(float{});
+    case at::kBFloat16: return f(c10::BFloat16{});
+    case at::kHalf: return f(c10::Half{});
+    default: TORCH_CHECK(false, "goldfish_ds: logits must be float32, bfloat16 or float16, got ", dtype);
+  }
+}
+
 inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {
   TORCH_CHECK(t.device() == ref.device(), "goldfish_ds: ", name, " must be on the same device as ", ref_name,
               " (", ref.device(), "), got ", t.device());
