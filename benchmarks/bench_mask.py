@@ -33,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
     B, T = map(int, args.batch.split("x"))
     labels = torch.randint(0, 32000, (B, T), device=args.device)
-    table = hash_table(torch.device(args.device))
+    table = hash_table().to(args.device)
     rows = []
     for h in (13, 50):
         cfg = GoldfishConfig(k=4, h=h)

@@ -11,10 +11,10 @@ namespace {
 
 at::Tensor goldfish_mask_cpu(const at::Tensor& labels, int64_t strategy, int64_t k, int64_t h,
                              int64_t start_position, int64_t ignore_index, bool preceding,
-                             const c10::optional<at::Tensor>& table, const c10::optional<at::Tensor>& exempt_ids,
+                             const c10::optional<at::Tensor>& table_bits, const c10::optional<at::Tensor>& exempt_ids,
                              int64_t seed, int64_t step) {
   const MaskParams p =
-      make_mask_params(labels, strategy, k, h, start_position, ignore_index, preceding, table, exempt_ids, seed, step);
+      make_mask_params(labels, strategy, k, h, start_position, ignore_index, preceding, table_bits, exempt_ids, seed, step);
   at::Tensor dropped = at::empty(labels.sizes(), labels.options().dtype(at::kBool));
   mask_cpu(p, labels.data_ptr<int64_t>(), dropped.data_ptr<bool>(), labels.size(0), labels.size(1));
   return dropped;
@@ -80,7 +80,7 @@ void scale_rows_inplace_cpu(at::Tensor& grad, const at::Tensor& scale) {
 TORCH_LIBRARY(goldfish_ds, m) {
   m.def(
       "goldfish_mask(Tensor labels, int strategy, int k, int h, int start_position, int ignore_index, "
-      "bool preceding, Tensor? table, Tensor? exempt_ids, int seed, int step) -> Tensor");
+      "bool preceding, Tensor? table_bits, Tensor? exempt_ids, int seed, int step) -> Tensor");
   m.def("cross_entropy_loss(Tensor logits, Tensor labels, Tensor? dropped, int ignore_index, bool dropped_loss) -> Tensor");
   m.def(
       "cross_entropy_loss_grad(Tensor logits, Tensor labels, Tensor? dropped, int ignore_index, bool dropped_loss, "

@@ -28,10 +28,10 @@ cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(
 
 at::Tensor goldfish_mask_cuda(const at::Tensor& labels, int64_t strategy, int64_t k, int64_t h,
                               int64_t start_position, int64_t ignore_index, bool preceding,
-                              const c10::optional<at::Tensor>& table, const c10::optional<at::Tensor>& exempt_ids,
+                              const c10::optional<at::Tensor>& table_bits, const c10::optional<at::Tensor>& exempt_ids,
                               int64_t seed, int64_t step) {
   const MaskParams p =
-      make_mask_params(labels, strategy, k, h, start_position, ignore_index, preceding, table, exempt_ids, seed, step);
+      make_mask_params(labels, strategy, k, h, start_position, ignore_index, preceding, table_bits, exempt_ids, seed, step);
   const c10::cuda::CUDAGuard guard(labels.device());
   at::Tensor dropped = at::empty(labels.sizes(), labels.options().dtype(at::kBool));
   check_launch(launch_mask_cuda(p, labels.data_ptr<int64_t>(), dropped.data_ptr<bool>(), labels.size(0),

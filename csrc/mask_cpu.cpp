@@ -1,6 +1,8 @@
-// Goldfish masks on the CPU: rows in parallel, each row one sequential pass with O(1) work per token.
+// Goldfish masks on the CPU: rows in parallel, each row a few branch-free passes that the compiler
+// vectorises, with O(1) work per token for any h (no division in the loops).
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -8,32 +10,55 @@
 namespace goldfish {
 namespace {
 
-// Wrapping products of every window [e - h + 1, e] of `y`, for e >= h - 1, in O(1) per window:
-// split the row into blocks of h; a window is the suffix of one block times the prefix of the next.
-void window_products(const int64_t* y, int64_t T, int64_t h, std::vector<uint64_t>& prefix,
-                     std::vector<uint64_t>& suffix, uint64_t* out) {
-  for (int64_t i = 0; i < T; ++i) {
-    const uint64_t v = static_cast<uint64_t>(y[i]);
-    prefix[i] = (i % h == 0) ? v : prefix[i - 1] * v;
+// Up to this width the window products are h vectorised passes over the row (no dependency chain);
+// wider windows use the blocked prefix/suffix products (three multiplications per window).
+constexpr int64_t kDirectProductMaxH = 24;
+
+// Wrapping product of every window [e - h + 1, e] of y, stored at out[e] for e >= h - 1.
+void window_products(const int64_t* y, int64_t T, int64_t h, uint64_t* prefix, uint64_t* suffix, uint64_t* out) {
+  if (h <= kDirectProductMaxH) {
+    for (int64_t e = h - 1; e < T; ++e) out[e] = static_cast<uint64_t>(y[e]);
+    for (int64_t j = 1; j < h; ++j) {
+      for (int64_t e = h - 1; e < T; ++e) out[e] *= static_cast<uint64_t>(y[e - j]);
+    }
+    return;
   }
-  for (int64_t i = T - 1; i >= 0; --i) {
-    const uint64_t v = static_cast<uint64_t>(y[i]);
-    suffix[i] = (i % h == h - 1 || i == T - 1) ? v : suffix[i + 1] * v;
+  // Cut the row into blocks of h: a window is one whole block, or a suffix of one block times a prefix of
+  // the next.
+  for (int64_t b0 = 0; b0 < T; b0 += h) {
+    const int64_t b1 = std::min(b0 + h, T);
+    prefix[b0] = static_cast<uint64_t>(y[b0]);
+    for (int64_t i = b0 + 1; i < b1; ++i) prefix[i] = prefix[i - 1] * static_cast<uint64_t>(y[i]);
+    suffix[b1 - 1] = static_cast<uint64_t>(y[b1 - 1]);
+    for (int64_t i = b1 - 2; i >= b0; --i) suffix[i] = suffix[i + 1] * static_cast<uint64_t>(y[i]);
   }
-  for (int64_t e = h - 1; e < T; ++e) {
-    const int64_t s = e - h + 1;
-    out[e] = (s % h == 0) ? prefix[e] : suffix[s] * prefix[e];
+  const int64_t last_start = T - h;  // windows start at 0 .. T - h
+  for (int64_t s0 = 0; s0 <= last_start; s0 += h) {
+    out[s0 + h - 1] = prefix[s0 + h - 1];
+    const int64_t s1 = std::min(s0 + h, last_start + 1);
+    for (int64_t s = s0 + 1; s < s1; ++s) out[s + h - 1] = suffix[s] * prefix[s + h - 1];
   }
 }
 
 // Rolling sums S_e = sum_j token_mix(y[e - j]) * B^j over windows of width h, in O(1) per window.
-void window_rolling_sums(const int64_t* y, int64_t T, int64_t h, uint64_t base_pow_h, uint64_t* out) {
+void window_rolling_sums(const int64_t* y, int64_t T, int64_t h, uint64_t base_pow_h, uint64_t* mixed,
+                         uint64_t* out) {
+  for (int64_t i = 0; i < T; ++i) mixed[i] = token_mix(y[i]);
   uint64_t sum = 0;
-  for (int64_t i = 0; i < T; ++i) {
-    sum = sum * kRollingBase + token_mix(y[i]);
-    if (i >= h) sum -= token_mix(y[i - h]) * base_pow_h;
-    out[i] = sum;
-  }
+  for (int64_t i = 0; i < std::min(h, T); ++i) out[i] = sum = sum * kRollingBase + mixed[i];
+  for (int64_t i = h; i < T; ++i) out[i] = sum = sum * kRollingBase + mixed[i] - mixed[i - h] * base_pow_h;
+}
+
+// out[t] = window_dropped(p, window[t - lag]) for the targets whose window lies inside the row, with the
+// strategy fixed at compile time so the loop has no branch.
+template <int32_t kStrategy>
+void hashed_decisions(const MaskParams& params, const uint64_t* window, int64_t T, bool* out) {
+  MaskParams p = params;
+  p.strategy = kStrategy;
+  const int64_t lag = p.preceding ? 1 : 0;
+  const int64_t first = std::min(p.h - 1 + lag, T);
+  std::fill(out, out + first, false);
+  for (int64_t t = first; t < T; ++t) out[t] = window_dropped(p, window[t - lag]);
 }
 
 }  // namespace
@@ -41,24 +66,35 @@ void window_rolling_sums(const int64_t* y, int64_t T, int64_t h, uint64_t base_p
 void mask_cpu(const MaskParams& params, const int64_t* labels, bool* dropped, int64_t rows, int64_t T) {
   const bool hashed = is_hash_strategy(params.strategy);
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint64_t> window(hashed ? T : 0), prefix, suffix;
-    if (hashed && params.strategy != kHashRolling) {
-      prefix.resize(T);
-      suffix.resize(T);
-    }
+    // window[e]: the value of the window ending at e; scratch_a/b: prefix and suffix products, or mixed ids.
+    std::vector<uint64_t> window(hashed ? T : 0), scratch_a(hashed ? T : 0), scratch_b(hashed ? T : 0);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t* y = labels + r * T;
-      if (hashed) {
-        if (params.strategy == kHashRolling) {
-          window_rolling_sums(y, T, params.h, params.rolling_base_pow_h, window.data());
-        } else {
-          window_products(y, T, params.h, prefix, suffix, window.data());
-        }
+      bool* out = dropped + r * T;
+      switch (params.strategy) {
+        case kHashTable:
+          window_products(y, T, params.h, scratch_a.data(), scratch_b.data(), window.data());
+          hashed_decisions<kHashTable>(params, window.data(), T, out);
+          break;
+        case kHashAvalanche:
+          window_products(y, T, params.h, scratch_a.data(), scratch_b.data(), window.data());
+          hashed_decisions<kHashAvalanche>(params, window.data(), T, out);
+          break;
+        case kHashRolling:
+          window_rolling_sums(y, T, params.h, params.rolling_base_pow_h, scratch_a.data(), window.data());
+          hashed_decisions<kHashRolling>(params, window.data(), T, out);
+          break;
+        case kStatic:
+          std::fill(out, out + T, false);
+          for (int64_t t = params.start_position; t < T; t += params.k) out[t] = true;
+          break;
+        default:  // kRandom
+          for (int64_t t = 0; t < T; ++t) out[t] = random_dropped(params, r, t);
       }
-      for (int64_t t = 0; t < T; ++t) {
-        const int64_t e = window_end(params, t);
-        const uint64_t value = (hashed && e >= params.h - 1) ? window[e] : 0;
-        dropped[r * T + t] = position_dropped(params, y[t], r, t, value);
+      // Ignored and exempt targets are never dropped (position_dropped in goldfish_hash.h).
+      for (int64_t t = 0; t < T; ++t) out[t] = out[t] && y[t] != params.ignore_index;
+      if (params.num_exempt > 0) {
+        for (int64_t t = 0; t < T; ++t) out[t] = out[t] && !is_exempt(params, y[t]);
       }
     }
   });

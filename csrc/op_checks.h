@@ -45,7 +45,7 @@ inline void check_label_range(const at::Tensor& labels, int64_t V, int64_t ignor
 
 inline MaskParams make_mask_params(const at::Tensor& labels, int64_t strategy, int64_t k, int64_t h,
                                    int64_t start_position, int64_t ignore_index, bool preceding,
-                                   const c10::optional<at::Tensor>& table,
+                                   const c10::optional<at::Tensor>& table_bits,
                                    const c10::optional<at::Tensor>& exempt_ids, int64_t seed, int64_t step) {
   check_labels_tensor(labels, 2);
   TORCH_CHECK(labels.is_contiguous(), "goldfish_ds: labels must be contiguous");
@@ -61,20 +61,19 @@ inline MaskParams make_mask_params(const at::Tensor& labels, int64_t strategy, i
   p.start_position = start_position;
   p.ignore_index = ignore_index;
   p.preceding = preceding;
-  p.table_threshold = static_cast<float>(1.0 / static_cast<double>(k));
   p.avalanche_threshold = static_cast<float>(static_cast<double>((1ULL << 32) - 1) / static_cast<double>(k));
   p.threshold64 = std::numeric_limits<uint64_t>::max() / static_cast<uint64_t>(k);
   p.rolling_base_pow_h = pow_mod64(kRollingBase, h);
   p.seed = static_cast<uint64_t>(seed);
   p.step = static_cast<uint64_t>(step);
   if (strategy == kHashTable) {
-    TORCH_CHECK(table.has_value(), "goldfish_ds: the hash-table strategy needs its table");
-    const at::Tensor& tb = *table;
-    TORCH_CHECK(tb.scalar_type() == at::kFloat && tb.dim() == 1 && tb.numel() == kTableSize && tb.is_contiguous(),
-                "goldfish_ds: table must be a contiguous float32 tensor of ", kTableSize, " values, got ",
+    TORCH_CHECK(table_bits.has_value(), "goldfish_ds: the hash-table strategy needs its table_bits");
+    const at::Tensor& tb = *table_bits;
+    TORCH_CHECK(tb.scalar_type() == at::kLong && tb.dim() == 1 && tb.numel() == kTableWords && tb.is_contiguous(),
+                "goldfish_ds: table_bits must be a contiguous int64 tensor of ", kTableWords, " words, got ",
                 tb.scalar_type(), " of shape ", tb.sizes());
-    check_same_device(tb, labels, "table", "labels");
-    p.table = tb.data_ptr<float>();
+    check_same_device(tb, labels, "table_bits", "labels");
+    p.table_bits = reinterpret_cast<const uint64_t*>(tb.data_ptr<int64_t>());
   }
   if (exempt_ids.has_value() && exempt_ids->numel() > 0) {
     const at::Tensor& ex = *exempt_ids;

@@ -43,7 +43,7 @@ def check_device_supported(device: torch.device) -> None:
 
 
 @torch.library.register_fake("goldfish_ds::goldfish_mask")
-def _(labels, strategy, k, h, start_position, ignore_index, preceding, table, exempt_ids, seed, step):
+def _(labels, strategy, k, h, start_position, ignore_index, preceding, table_bits, exempt_ids, seed, step):
     return torch.empty_like(labels, dtype=torch.bool)
 
 

@@ -1,11 +1,14 @@
 """Goldfish masks: which target positions the loss leaves out."""
 from __future__ import annotations
 
+from functools import lru_cache
+from typing import Tuple
+
 import torch
 
 from goldfish_ds.config import GoldfishConfig
 from goldfish_ds.kernels import check_device_supported, ops
-from goldfish_ds.table import hash_table
+from goldfish_ds.table import hash_table_bits
 
 
 def _as_rows(labels: torch.Tensor) -> torch.Tensor:
@@ -18,6 +21,12 @@ def _as_rows(labels: torch.Tensor) -> torch.Tensor:
     return labels.reshape(1, -1) if labels.dim() == 1 else labels.contiguous()
 
 
+@torch.compiler.disable  # a cached lookup, not something to trace
+@lru_cache(maxsize=64)
+def _exempt_tensor(ids: Tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(ids, dtype=torch.int64, device=device)  # sorted by GoldfishConfig
+
+
 def goldfish_mask(labels: torch.Tensor, cfg: GoldfishConfig, step: int = 0) -> torch.Tensor:
     """Positions the goldfish loss drops (True = dropped), computed per row.
 
@@ -28,10 +37,10 @@ def goldfish_mask(labels: torch.Tensor, cfg: GoldfishConfig, step: int = 0) -> t
     """
     rows = _as_rows(labels)
     check_device_supported(rows.device)
-    table = hash_table(rows.device, cfg.table_path) if cfg.strategy == "hash-table" else None
-    exempt = torch.tensor(cfg.exempt_ids, dtype=torch.int64, device=rows.device) if cfg.exempt_ids else None
+    table_bits = hash_table_bits(rows.device, cfg.k, cfg.table_path) if cfg.strategy == "hash-table" else None
+    exempt = _exempt_tensor(cfg.exempt_ids, rows.device) if cfg.exempt_ids else None
     dropped = ops.goldfish_mask(rows, cfg.strategy_code, cfg.k, cfg.h, cfg.start_position, cfg.ignore_index,
-                                cfg.window == "preceding", table, exempt, cfg.seed, step)
+                                cfg.window == "preceding", table_bits, exempt, cfg.seed, step)
     return dropped.reshape(labels.shape)
 
 

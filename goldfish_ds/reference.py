@@ -85,7 +85,7 @@ def reference_goldfish_mask(labels: torch.Tensor, cfg: GoldfishConfig, step: int
         else:
             product = win.prod(-1)  # wraps like the official int64 product
             if cfg.strategy == "hash-table":
-                table = hash_table(rows.device, cfg.table_path)
+                table = hash_table(cfg.table_path).to(rows.device)
                 dropped = table[torch.remainder(product, TABLE_SIZE)] < torch.tensor(1 / cfg.k, dtype=torch.float32)
             else:  # hash-avalanche: float32 comparison, as the official code's tensor-vs-float compare
                 hashed = _official_hashint32(product).to(torch.float32)

@@ -46,16 +46,17 @@ def save_table(table: torch.Tensor, path: str) -> None:
 
 
 @lru_cache(maxsize=None)
-def _cpu_table(path: Optional[str]) -> torch.Tensor:
+def hash_table(path: Optional[str] = None) -> torch.Tensor:
+    """The float32 table for `path` (None: the official table drawn on the CPU), on the CPU, cached."""
     return generate_table("cpu") if path is None else load_table(path)
 
 
-@lru_cache(maxsize=None)
-def _device_table(path: Optional[str], device: torch.device) -> torch.Tensor:
-    return _cpu_table(path).to(device)
-
-
 @torch.compiler.disable  # a cached lookup, not something to trace
-def hash_table(device: torch.device, path: Optional[str] = None) -> torch.Tensor:
-    """The table for `path` (None: the official table drawn on the CPU), cached on `device`."""
-    return _device_table(path, torch.device(device))
+@lru_cache(maxsize=None)
+def hash_table_bits(device: torch.device, k: int, path: Optional[str] = None) -> torch.Tensor:
+    """What the kernels read: bit i of int64 word i // 64 is table[i] < float32(1/k). Cached per device."""
+    dropped = hash_table(path) < torch.tensor(1 / k, dtype=torch.float32)  # the official float32 comparison
+    padded = torch.zeros(-(-TABLE_SIZE // 64) * 64, dtype=torch.int64)
+    padded[:TABLE_SIZE] = dropped.to(torch.int64)
+    weights = torch.ones(64, dtype=torch.int64) << torch.arange(64)  # bit 63 wraps to the sign bit, as wanted
+    return (padded.reshape(-1, 64) * weights).sum(dim=1).to(device)

@@ -109,7 +109,7 @@ def test_table_file_round_trip_and_use(tmp_path):
     labels = torch.randint(0, 32000, (2, 300), generator=torch.Generator().manual_seed(5))
     for file in (path, pt_path):
         cfg = GoldfishConfig(k=4, h=4, table_path=str(file))
-        assert torch.equal(hash_table(torch.device("cpu"), str(file)), custom)
+        assert torch.equal(hash_table(str(file)), custom)
         assert torch.equal(goldfish_mask(labels, cfg), reference_goldfish_mask(labels, cfg))
     assert not torch.equal(goldfish_mask(labels, GoldfishConfig(k=4, h=4, table_path=str(path))),
                            goldfish_mask(labels, GoldfishConfig(k=4, h=4)))
@@ -214,10 +214,10 @@ def test_compiled_op_checks_its_arguments():
         op(labels, 1, 4, 0, 0, -100, False, None, None, 0, 0)
     with pytest.raises(RuntimeError, match="strategy code must be in"):
         op(labels, 9, 4, 13, 0, -100, False, None, None, 0, 0)
-    with pytest.raises(RuntimeError, match="needs its table"):
+    with pytest.raises(RuntimeError, match="needs its table_bits"):
         op(labels, 0, 4, 13, 0, -100, False, None, None, 0, 0)
-    with pytest.raises(RuntimeError, match="table must be a contiguous float32 tensor of 1000003"):
-        op(labels, 0, 4, 13, 0, -100, False, torch.zeros(10), None, 0, 0)
+    with pytest.raises(RuntimeError, match="table_bits must be a contiguous int64 tensor of 15626 words"):
+        op(labels, 0, 4, 13, 0, -100, False, torch.zeros(10, dtype=torch.int64), None, 0, 0)
     with pytest.raises(RuntimeError, match="labels must be int64"):
         op(labels.float(), 1, 4, 13, 0, -100, False, None, None, 0, 0)
 
