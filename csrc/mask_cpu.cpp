@@ -49,16 +49,39 @@ void window_rolling_sums(const int64_t* y, int64_t T, int64_t h, uint64_t base_p
   for (int64_t i = h; i < T; ++i) out[i] = sum = sum * kRollingBase + mixed[i] - mixed[i - h] * base_pow_h;
 }
 
+// table_index() (Python's floor modulo of the int64 product by kTableSize) in double arithmetic, which
+// vectorises where 64-bit integer division does not: with w = hi * 2^32 + lo, hi * (2^32 mod m) + lo is
+// below 2^53, so every step is exact in a double.
+inline int64_t table_index_vectorisable(uint64_t w) {
+  constexpr int64_t m = kTableSize;
+  constexpr uint64_t two32_mod_m = (1ULL << 32) % m;
+  constexpr int64_t two64_mod_m = static_cast<int64_t>((two32_mod_m * two32_mod_m) % m);
+  const double x = static_cast<double>(w >> 32) * static_cast<double>(two32_mod_m) +
+                   static_cast<double>(w & 0xFFFFFFFFULL);
+  const double q = static_cast<double>(static_cast<int64_t>(x * (1.0 / m)));  // floor, possibly off by one
+  int64_t r = static_cast<int64_t>(x - q * static_cast<double>(m));           // (w as unsigned) mod m, +-m
+  r = r < 0 ? r + m : (r >= m ? r - m : r);
+  r = static_cast<int64_t>(w) < 0 ? r - two64_mod_m : r;  // a negative int64 is its unsigned value - 2^64
+  return r < 0 ? r + m : r;
+}
+
 // out[t] = window_dropped(p, window[t - lag]) for the targets whose window lies inside the row, with the
 // strategy fixed at compile time so the loop has no branch.
 template <int32_t kStrategy>
-void hashed_decisions(const MaskParams& params, const uint64_t* window, int64_t T, bool* out) {
+void hashed_decisions(const MaskParams& params, const uint64_t* window, uint64_t* scratch, int64_t T, bool* out) {
   MaskParams p = params;
   p.strategy = kStrategy;
   const int64_t lag = p.preceding ? 1 : 0;
   const int64_t first = std::min(p.h - 1 + lag, T);
   std::fill(out, out + first, false);
-  for (int64_t t = first; t < T; ++t) out[t] = window_dropped(p, window[t - lag]);
+  if constexpr (kStrategy == kHashTable) {
+    // Two loops: the index arithmetic vectorises on its own; the bit lookups are independent loads.
+    int64_t* index = reinterpret_cast<int64_t*>(scratch);
+    for (int64_t t = first; t < T; ++t) index[t] = table_index_vectorisable(window[t - lag]);
+    for (int64_t t = first; t < T; ++t) out[t] = (p.table_bits[index[t] >> 6] >> (index[t] & 63)) & 1;
+  } else {
+    for (int64_t t = first; t < T; ++t) out[t] = window_dropped(p, window[t - lag]);
+  }
 }
 
 }  // namespace
@@ -74,15 +97,15 @@ void mask_cpu(const MaskParams& params, const int64_t* labels, bool* dropped, in
       switch (params.strategy) {
         case kHashTable:
           window_products(y, T, params.h, scratch_a.data(), scratch_b.data(), window.data());
-          hashed_decisions<kHashTable>(params, window.data(), T, out);
+          hashed_decisions<kHashTable>(params, window.data(), scratch_a.data(), T, out);
           break;
         case kHashAvalanche:
           window_products(y, T, params.h, scratch_a.data(), scratch_b.data(), window.data());
-          hashed_decisions<kHashAvalanche>(params, window.data(), T, out);
+          hashed_decisions<kHashAvalanche>(params, window.data(), scratch_a.data(), T, out);
           break;
         case kHashRolling:
           window_rolling_sums(y, T, params.h, params.rolling_base_pow_h, scratch_a.data(), window.data());
-          hashed_decisions<kHashRolling>(params, window.data(), T, out);
+          hashed_decisions<kHashRolling>(params, window.data(), scratch_a.data(), T, out);
           break;
         case kStatic:
           std::fill(out, out + T, false);
@@ -91,10 +114,13 @@ void mask_cpu(const MaskParams& params, const int64_t* labels, bool* dropped, in
         default:  // kRandom
           for (int64_t t = 0; t < T; ++t) out[t] = random_dropped(params, r, t);
       }
-      // Ignored and exempt targets are never dropped (position_dropped in goldfish_hash.h).
-      for (int64_t t = 0; t < T; ++t) out[t] = out[t] && y[t] != params.ignore_index;
+      // Ignored and exempt targets are never dropped (position_dropped in goldfish_hash.h). Bitwise &, not
+      // &&, so the loop has no branch and vectorises.
+      const int64_t ignore_index = params.ignore_index;
+      uint8_t* out_bytes = reinterpret_cast<uint8_t*>(out);
+      for (int64_t t = 0; t < T; ++t) out_bytes[t] &= static_cast<uint8_t>(y[t] != ignore_index);
       if (params.num_exempt > 0) {
-        for (int64_t t = 0; t < T; ++t) out[t] = out[t] && !is_exempt(params, y[t]);
+        for (int64_t t = 0; t < T; ++t) out[t] = out[t] & !is_exempt(params, y[t]);
       }
     }
   });
