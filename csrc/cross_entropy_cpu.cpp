@@ -22,85 +22,98 @@ namespace {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kBlock = 2048;  // floats per block: 8 KiB, resident in L1 between its two uses
 
-constexpr int64_t kPrefetchBytes = 16384;  // how far ahead of the first pass memory is requested
+constexpr int64_t kPrefetchBytes = 16384;  // how far ahead of the current block memory is requested
+constexpr float kMaxExponent = 64.f;      // exp(64) * V stays far below float32's range
+
+// exp(x) for x <= kMaxExponent, in generic at::vec operations and cheaper than Vec::exp(): 2^n * 2^f with
+// n = round(x * log2(e)) and 2^f from Cephes' exp2f polynomial on [-0.5, 0.5] (relative error ~2e-7).
+// Inputs below about -87 give about 2^-126 instead of a denormal or 0, which is negligible: the row's sum
+// of exponentials is at least exp(-kMaxExponent).
+Vec exp_bounded(Vec x) {
+  const Vec t = at::vec::maximum(x * Vec(1.44269504088896341f), Vec(-126.f));
+  const Vec n = t.round();
+  const Vec f = t - n;
+  Vec p = at::vec::fmadd(Vec(1.535336188319500e-4f), f, Vec(1.339887440266574e-3f));
+  p = at::vec::fmadd(p, f, Vec(9.618437357674640e-3f));
+  p = at::vec::fmadd(p, f, Vec(5.550332471162809e-2f));
+  p = at::vec::fmadd(p, f, Vec(2.402264791363012e-1f));
+  p = at::vec::fmadd(p, f, Vec(6.931472028550421e-1f));
+  p = at::vec::fmadd(p, f, Vec(1.f));
+  const auto exponent = (at::vec::convert_to_int_of_same_size(n) + at::vec::Vectorized<int32_t>(127))
+                        << at::vec::Vectorized<int32_t>(23);
+  return p * at::vec::cast<float>(exponent);
+}
+
+// The 2 * Vec::size() elements at x as two float32 vectors.
+template <typename scalar_t>
+std::pair<Vec, Vec> load_two(const scalar_t* x) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return {Vec::loadu(x), Vec::loadu(x + Vec::size())};
+  } else {
+    auto [lo, hi] = at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(x));
+    return {lo, hi};
+  }
+}
 
 float max_of(Vec v) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, v);
 }
 
-// First touch of a block x[0, n): returns its max and, for bfloat16/float16, stores it as float32 in e.
-// It requests the memory kPrefetchBytes ahead (one cache line per iteration; rows are contiguous, so
-// this runs into the next row), so the loads of later blocks overlap with this block's exponentials.
+float sum_of(Vec v) {
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
+}
+
+// One pass over a block x[0, n): e[j] = exp(x[j] - ref). Returns {max of the block, sum of e}.
+// Memory is requested kPrefetchBytes ahead (rows are contiguous, so this runs into the next row), so
+// the loads of later blocks overlap with this block's exponentials.
 template <typename scalar_t>
-float load_block(const scalar_t* x, float* e, int64_t n) {
+std::pair<float, float> exp_block(const scalar_t* x, float* e, int64_t n, float ref) {
+  constexpr int64_t kStep = 2 * Vec::size();
   constexpr int64_t kAhead = kPrefetchBytes / sizeof(scalar_t);
-  Vec acc(-std::numeric_limits<float>::infinity());
+  const Vec vref(ref);
+  Vec vmax(-std::numeric_limits<float>::infinity()), vsum(0.f);
   int64_t j = 0;
-  float m;
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    for (; j + Vec::size() <= n; j += Vec::size()) {  // 16 floats: one cache line with AVX512
-      __builtin_prefetch(x + j + kAhead);
-      acc = at::vec::maximum(acc, Vec::loadu(x + j));
+  for (; j + kStep <= n; j += kStep) {
+    for (int64_t line = 0; line < kStep * static_cast<int64_t>(sizeof(scalar_t)); line += 64) {
+      __builtin_prefetch(reinterpret_cast<const char*>(x + j + kAhead) + line);
     }
-    m = max_of(acc);
-    for (; j < n; ++j) m = std::max(m, x[j]);
-  } else {
-    for (; j + 2 * Vec::size() <= n; j += 2 * Vec::size()) {
-      __builtin_prefetch(x + j + kAhead);
-      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(x + j));
-      lo.store(e + j);
-      hi.store(e + j + Vec::size());
-      acc = at::vec::maximum(acc, at::vec::maximum(lo, hi));
-    }
-    m = max_of(acc);
-    for (; j < n; ++j) {
-      e[j] = static_cast<float>(x[j]);
-      m = std::max(m, e[j]);
-    }
+    const auto [a, b] = load_two(x + j);
+    vmax = at::vec::maximum(vmax, at::vec::maximum(a, b));
+    const Vec ea = exp_bounded(a - vref), eb = exp_bounded(b - vref);
+    ea.store(e + j);
+    eb.store(e + j + Vec::size());
+    vsum = vsum + ea + eb;
   }
-  return m;
-}
-
-// e[j] = exp(x[j] - m) (e may alias x); returns the sum of e.
-float exp_and_sum(const float* x, float* e, int64_t n, float m) {
-  const Vec vm(m);
-  Vec acc(0.f);
-  int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) {
-    const Vec v = (Vec::loadu(x + j) - vm).exp_u20();
-    v.store(e + j);
-    acc = acc + v;
-  }
-  float s = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
+  float m = max_of(vmax), sum = sum_of(vsum);
   for (; j < n; ++j) {
-    e[j] = std::exp(x[j] - m);
-    s += e[j];
-  }
-  return s;
-}
-
-// One read of the row x [V]: e[j] = exp(x[j] - block_offset[j / kBlock]), where each block's offset is
-// the running max when the block was read. Returns {max, sum of exp(x - max)}.
-template <typename scalar_t>
-std::pair<float, float> online_softmax(const scalar_t* x, int64_t V, float* e, float* block_offset) {
-  float m = -std::numeric_limits<float>::infinity(), sum = 0.f;
-  for (int64_t b0 = 0, b = 0; b0 < V; b0 += kBlock, ++b) {
-    const int64_t n = std::min(kBlock, V - b0);
-    const float bm = load_block(x + b0, e + b0, n);
-    const float* xb;
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      xb = x + b0;
-    } else {
-      xb = e + b0;
-    }
-    if (bm > m) {
-      sum = sum == 0.f ? 0.f : sum * std::exp(m - bm);
-      m = bm;
-    }
-    block_offset[b] = m;
-    sum += exp_and_sum(xb, e + b0, n, m);
+    const float v = static_cast<float>(x[j]);
+    m = std::max(m, v);
+    e[j] = std::exp(v - ref);
+    sum += e[j];
   }
   return {m, sum};
+}
+
+// One read of the row x [V]: e[j] = exp(x[j] - block_ref[j / kBlock]). Each block is exponentiated against
+// the running reference R while it is in L1 (its max is found in the same pass); a block whose max exceeds
+// R by more than kMaxExponent is redone against its max, which becomes R. Returns {R, sum of exp(x - R)}.
+template <typename scalar_t>
+std::pair<float, float> online_softmax(const scalar_t* x, int64_t V, float* e, float* block_ref) {
+  float first_max = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < std::min(kBlock, V); ++j) first_max = std::max(first_max, static_cast<float>(x[j]));
+  float R = std::max(first_max, std::numeric_limits<float>::lowest()), S = 0.f;
+  for (int64_t b0 = 0, b = 0; b0 < V; b0 += kBlock, ++b) {
+    const int64_t n = std::min(kBlock, V - b0);
+    auto [bm, bs] = exp_block(x + b0, e + b0, n, R);
+    if (!(bm <= R + kMaxExponent)) {  // also taken for NaN, which then propagates to the loss
+      S *= std::exp(R - bm);
+      R = bm;
+      bs = exp_block(x + b0, e + b0, n, R).second;
+    }
+    block_ref[b] = R;
+    S += bs;
+  }
+  return {R, S};
 }
 
 // g[j] = e[j] * c[j / kBlock], converted to scalar_t (g may alias e for float).
