@@ -84,6 +84,17 @@ void hashed_decisions(const MaskParams& params, const uint64_t* window, uint64_t
   }
 }
 
+// Ignored and exempt targets are never dropped (position_dropped in goldfish_hash.h). Bitwise &, not &&,
+// and no captured references, so the loop has no branch or reload and vectorises.
+void keep_ignored_and_exempt(const MaskParams& params, const int64_t* __restrict y, int64_t T,
+                             bool* __restrict out) {
+  const int64_t ignore_index = params.ignore_index;
+  for (int64_t t = 0; t < T; ++t) out[t] = out[t] & (y[t] != ignore_index);
+  if (params.num_exempt > 0) {
+    for (int64_t t = 0; t < T; ++t) out[t] = out[t] & !is_exempt(params, y[t]);
+  }
+}
+
 }  // namespace
 
 void mask_cpu(const MaskParams& params, const int64_t* labels, bool* dropped, int64_t rows, int64_t T) {
@@ -114,14 +125,7 @@ void mask_cpu(const MaskParams& params, const int64_t* labels, bool* dropped, in
         default:  // kRandom
           for (int64_t t = 0; t < T; ++t) out[t] = random_dropped(params, r, t);
       }
-      // Ignored and exempt targets are never dropped (position_dropped in goldfish_hash.h). Bitwise &, not
-      // &&, so the loop has no branch and vectorises.
-      const int64_t ignore_index = params.ignore_index;
-      uint8_t* out_bytes = reinterpret_cast<uint8_t*>(out);
-      for (int64_t t = 0; t < T; ++t) out_bytes[t] &= static_cast<uint8_t>(y[t] != ignore_index);
-      if (params.num_exempt > 0) {
-        for (int64_t t = 0; t < T; ++t) out[t] = out[t] & !is_exempt(params, y[t]);
-      }
+      keep_ignored_and_exempt(params, y, T, out);
     }
   });
 }

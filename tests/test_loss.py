@@ -264,3 +264,25 @@ def test_compiled_ops_check_their_arguments():
         ops.cross_entropy_loss(torch.zeros(10, 4).t(), labels, None, -100, False)
     with pytest.raises(RuntimeError, match=r"scale must be float32 with 1 or N = 4 elements"):
         ops.scale_rows_(logits, torch.ones(3))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_extreme_logits(dtype, device):
+    """Large spreads (a max far into the row), -inf entries (masked or padded vocabulary) and huge values."""
+    V = 9000  # several CPU blocks
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, V, generator=g)
+    logits[0, 8500] = 300.0  # max found late: earlier blocks were exponentiated against a far smaller value
+    logits[1, :4096] = float("-inf")  # the first blocks entirely -inf
+    logits[2, ::3] = float("-inf")
+    logits[3] *= 1000.0
+    logits[4, 0] = -1e30
+    labels = torch.tensor([8500, 5000, 1, 7, 3, 100])
+    logits, labels = logits.to(dtype).to(device), labels.to(device)
+    ref_loss, ref_grad = reference(logits[None], labels[None], None)
+    loss, grad = ours(logits[None], labels[None], None)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert rel(loss, ref_loss) <= 1e-6
+    tol = {"rtol": 1e-5, "atol": 1e-9} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-5}
+    torch.testing.assert_close(grad.double(), ref_grad, **tol)
