@@ -10,21 +10,10 @@
 namespace goldfish {
 namespace {
 
-// Up to this width the window products are h vectorised passes over the row (no dependency chain);
-// wider windows use the blocked prefix/suffix products (three multiplications per window).
-constexpr int64_t kDirectProductMaxH = 24;
-
 // Wrapping product of every window [e - h + 1, e] of y, stored at out[e] for e >= h - 1.
 void window_products(const int64_t* y, int64_t T, int64_t h, uint64_t* prefix, uint64_t* suffix, uint64_t* out) {
-  if (h <= kDirectProductMaxH) {
-    for (int64_t e = h - 1; e < T; ++e) out[e] = static_cast<uint64_t>(y[e]);
-    for (int64_t j = 1; j < h; ++j) {
-      for (int64_t e = h - 1; e < T; ++e) out[e] *= static_cast<uint64_t>(y[e - j]);
-    }
-    return;
-  }
   // Cut the row into blocks of h: a window is one whole block, or a suffix of one block times a prefix of
-  // the next.
+  // the next. (h vectorised passes of 64-bit multiplications measured slower from h = 2 on.)
   for (int64_t b0 = 0; b0 < T; b0 += h) {
     const int64_t b1 = std::min(b0 + h, T);
     prefix[b0] = static_cast<uint64_t>(y[b0]);
@@ -76,9 +65,11 @@ void hashed_decisions(const MaskParams& params, const uint64_t* window, uint64_t
   std::fill(out, out + first, false);
   if constexpr (kStrategy == kHashTable) {
     // Two loops: the index arithmetic vectorises on its own; the bit lookups are independent loads.
-    int64_t* index = reinterpret_cast<int64_t*>(scratch);
+    int64_t* __restrict index = reinterpret_cast<int64_t*>(scratch);
+    const uint64_t* __restrict bits = p.table_bits;
+    uint8_t* __restrict bytes = reinterpret_cast<uint8_t*>(out);
     for (int64_t t = first; t < T; ++t) index[t] = table_index_vectorisable(window[t - lag]);
-    for (int64_t t = first; t < T; ++t) out[t] = (p.table_bits[index[t] >> 6] >> (index[t] & 63)) & 1;
+    for (int64_t t = first; t < T; ++t) bytes[t] = (bits[index[t] >> 6] >> (index[t] & 63)) & 1;
   } else {
     for (int64_t t = first; t < T; ++t) out[t] = window_dropped(p, window[t - lag]);
   }
@@ -89,7 +80,8 @@ void hashed_decisions(const MaskParams& params, const uint64_t* window, uint64_t
 void keep_ignored_and_exempt(const MaskParams& params, const int64_t* __restrict y, int64_t T,
                              bool* __restrict out) {
   const int64_t ignore_index = params.ignore_index;
-  for (int64_t t = 0; t < T; ++t) out[t] = out[t] & (y[t] != ignore_index);
+  uint8_t* __restrict bytes = reinterpret_cast<uint8_t*>(out);  // GCC vectorises uint8_t, not bool
+  for (int64_t t = 0; t < T; ++t) bytes[t] &= static_cast<uint8_t>(y[t] != ignore_index);
   if (params.num_exempt > 0) {
     for (int64_t t = 0; t < T; ++t) out[t] = out[t] & !is_exempt(params, y[t]);
   }
