@@ -75,6 +75,50 @@ void scale_rows_inplace_cpu(at::Tensor& grad, const at::Tensor& scale) {
   });
 }
 
+std::tuple<at::Tensor, at::Tensor> vocab_parallel_stats_cpu_op(const at::Tensor& logits, const at::Tensor& local_labels,
+                                                               const c10::optional<at::Tensor>& skip) {
+  check_vocab_parallel_args(logits, local_labels, skip);
+  at::Tensor lse = at::empty({logits.size(0)}, logits.options().dtype(at::kFloat));
+  at::Tensor target_logit = at::empty_like(lse);
+  dispatch_logits_dtype(logits.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    vocab_parallel_stats_cpu<scalar_t>(logits.data_ptr<scalar_t>(), local_labels.data_ptr<int64_t>(),
+                                       skip.has_value() ? skip->data_ptr<bool>() : nullptr, logits.size(0),
+                                       logits.size(1), lse.data_ptr<float>(), target_logit.data_ptr<float>());
+  });
+  return {lse, target_logit};
+}
+
+// Writes the vocab-parallel gradient into grad (which may be logits itself).
+void run_vocab_parallel_grad_cpu(const at::Tensor& logits, const at::Tensor& grad, const at::Tensor& local_labels,
+                                 const c10::optional<at::Tensor>& skip, const at::Tensor& lse,
+                                 const at::Tensor& grad_scale) {
+  check_vocab_parallel_args(logits, local_labels, skip);
+  check_row_floats(lse, logits, "lse");
+  check_grad_scale(grad_scale, logits);
+  dispatch_logits_dtype(logits.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    vocab_parallel_grad_cpu<scalar_t>(logits.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
+                                      local_labels.data_ptr<int64_t>(),
+                                      skip.has_value() ? skip->data_ptr<bool>() : nullptr, lse.data_ptr<float>(),
+                                      logits.size(0), logits.size(1), grad_scale.item<float>());
+  });
+}
+
+at::Tensor vocab_parallel_grad_cpu_op(const at::Tensor& logits, const at::Tensor& local_labels,
+                                      const c10::optional<at::Tensor>& skip, const at::Tensor& lse,
+                                      const at::Tensor& grad_scale) {
+  at::Tensor grad = at::empty_like(logits);
+  run_vocab_parallel_grad_cpu(logits, grad, local_labels, skip, lse, grad_scale);
+  return grad;
+}
+
+void vocab_parallel_grad_inplace_cpu_op(at::Tensor& logits, const at::Tensor& local_labels,
+                                        const c10::optional<at::Tensor>& skip, const at::Tensor& lse,
+                                        const at::Tensor& grad_scale) {
+  run_vocab_parallel_grad_cpu(logits, logits, local_labels, skip, lse, grad_scale);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(goldfish_ds, m) {
@@ -89,6 +133,11 @@ TORCH_LIBRARY(goldfish_ds, m) {
       "cross_entropy_loss_grad_(Tensor(a!) logits, Tensor labels, Tensor? dropped, int ignore_index, "
       "bool dropped_loss, Tensor grad_scale) -> Tensor");
   m.def("scale_rows_(Tensor(a!) grad, Tensor scale) -> ()");
+  m.def("vocab_parallel_stats(Tensor logits, Tensor local_labels, Tensor? skip) -> (Tensor, Tensor)");
+  m.def("vocab_parallel_grad(Tensor logits, Tensor local_labels, Tensor? skip, Tensor lse, Tensor grad_scale) -> Tensor");
+  m.def(
+      "vocab_parallel_grad_(Tensor(a!) logits, Tensor local_labels, Tensor? skip, Tensor lse, Tensor grad_scale) "
+      "-> ()");
 }
 
 TORCH_LIBRARY_IMPL(goldfish_ds, CPU, m) {
@@ -97,6 +146,9 @@ TORCH_LIBRARY_IMPL(goldfish_ds, CPU, m) {
   m.impl("cross_entropy_loss_grad", &cross_entropy_loss_grad_cpu);
   m.impl("cross_entropy_loss_grad_", &cross_entropy_loss_grad_inplace_cpu);
   m.impl("scale_rows_", &scale_rows_inplace_cpu);
+  m.impl("vocab_parallel_stats", &vocab_parallel_stats_cpu_op);
+  m.impl("vocab_parallel_grad", &vocab_parallel_grad_cpu_op);
+  m.impl("vocab_parallel_grad_", &vocab_parallel_grad_inplace_cpu_op);
 }
 
 }  // namespace goldfish

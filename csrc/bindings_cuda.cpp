@@ -95,6 +95,52 @@ void scale_rows_inplace_cuda(at::Tensor& grad, const at::Tensor& scale) {
                "scale_rows");
 }
 
+std::tuple<at::Tensor, at::Tensor> vocab_parallel_stats_cuda_op(const at::Tensor& logits,
+                                                                const at::Tensor& local_labels,
+                                                                const c10::optional<at::Tensor>& skip) {
+  check_vocab_parallel_args(logits, local_labels, skip);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  at::Tensor lse = at::empty({logits.size(0)}, logits.options().dtype(at::kFloat));
+  at::Tensor target_logit = at::empty_like(lse);
+  check_launch(launch_vocab_parallel_stats_cuda(float_type(logits.scalar_type()), logits.data_ptr(),
+                                                local_labels.data_ptr<int64_t>(),
+                                                skip.has_value() ? skip->data_ptr<bool>() : nullptr, logits.size(0),
+                                                logits.size(1), lse.data_ptr<float>(), target_logit.data_ptr<float>(),
+                                                current_stream()),
+               "vocab-parallel statistics");
+  return {lse, target_logit};
+}
+
+// Writes the vocab-parallel gradient into grad (which may be logits itself).
+void run_vocab_parallel_grad_cuda(const at::Tensor& logits, const at::Tensor& grad, const at::Tensor& local_labels,
+                                  const c10::optional<at::Tensor>& skip, const at::Tensor& lse,
+                                  const at::Tensor& grad_scale) {
+  check_vocab_parallel_args(logits, local_labels, skip);
+  check_row_floats(lse, logits, "lse");
+  check_grad_scale(grad_scale, logits);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  check_launch(launch_vocab_parallel_grad_cuda(float_type(logits.scalar_type()), logits.data_ptr(), grad.data_ptr(),
+                                               local_labels.data_ptr<int64_t>(),
+                                               skip.has_value() ? skip->data_ptr<bool>() : nullptr,
+                                               lse.data_ptr<float>(), logits.size(0), logits.size(1),
+                                               grad_scale.data_ptr<float>(), current_stream()),
+               "vocab-parallel gradient");
+}
+
+at::Tensor vocab_parallel_grad_cuda_op(const at::Tensor& logits, const at::Tensor& local_labels,
+                                       const c10::optional<at::Tensor>& skip, const at::Tensor& lse,
+                                       const at::Tensor& grad_scale) {
+  at::Tensor grad = at::empty_like(logits);
+  run_vocab_parallel_grad_cuda(logits, grad, local_labels, skip, lse, grad_scale);
+  return grad;
+}
+
+void vocab_parallel_grad_inplace_cuda_op(at::Tensor& logits, const at::Tensor& local_labels,
+                                         const c10::optional<at::Tensor>& skip, const at::Tensor& lse,
+                                         const at::Tensor& grad_scale) {
+  run_vocab_parallel_grad_cuda(logits, logits, local_labels, skip, lse, grad_scale);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(goldfish_ds, CUDA, m) {
@@ -103,6 +149,9 @@ TORCH_LIBRARY_IMPL(goldfish_ds, CUDA, m) {
   m.impl("cross_entropy_loss_grad", &cross_entropy_loss_grad_cuda);
   m.impl("cross_entropy_loss_grad_", &cross_entropy_loss_grad_inplace_cuda);
   m.impl("scale_rows_", &scale_rows_inplace_cuda);
+  m.impl("vocab_parallel_stats", &vocab_parallel_stats_cuda_op);
+  m.impl("vocab_parallel_grad", &vocab_parallel_grad_cuda_op);
+  m.impl("vocab_parallel_grad_", &vocab_parallel_grad_inplace_cuda_op);
 }
 
 }  // namespace goldfish

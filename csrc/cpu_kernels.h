@@ -16,6 +16,15 @@ void cross_entropy_cpu(const scalar_t* logits, scalar_t* grad, float* row_loss, 
                        const bool* dropped, int64_t N, int64_t V, int64_t ignore_index, bool dropped_loss,
                        float grad_scale);
 
+// Vocab-parallel cross-entropy on one vocabulary shard; same contracts as launch_vocab_parallel_stats_cuda
+// and launch_vocab_parallel_grad_cuda in cuda_kernels.h.
+template <typename scalar_t>
+void vocab_parallel_stats_cpu(const scalar_t* logits, const int64_t* local_labels, const bool* skip, int64_t N,
+                              int64_t V, float* lse, float* target_logit);
+template <typename scalar_t>
+void vocab_parallel_grad_cpu(const scalar_t* logits, scalar_t* grad, const int64_t* local_labels, const bool* skip,
+                             const float* lse, int64_t N, int64_t V, float grad_scale);
+
 // grad[i, :] *= scale[per_row ? i : 0]; a scalar scale equal to 1 returns at once.
 template <typename scalar_t>
 void scale_rows_cpu(scalar_t* grad, const float* scale, bool per_row, int64_t N, int64_t V);

@@ -1,4 +1,5 @@
-// Fused masked cross-entropy on the CPU. Each kept row is read from memory once, in blocks that fit in
+// Cross-entropy kernels on the CPU: the fused masked loss + gradient, and the two passes of the
+// vocab-parallel loss. Fused masked cross-entropy: Each kept row is read from memory once, in blocks that fit in
 // L1: a block's max and exponentials are computed while it is in L1 (online softmax, rescaling the
 // running sum when the max grows), the exponentials land in a per-thread float32 scratch row that stays
 // in L2, and a last pass scales them into the gradient, written in the logits' dtype.
@@ -142,6 +143,25 @@ void zero_row(scalar_t* g, int64_t V) {
   std::fill(g, g + V, scalar_t(0));
 }
 
+// g[j] = exp(x[j] - lse) * c, converted to scalar_t (g may alias x).
+template <typename scalar_t>
+void softmax_row(const scalar_t* x, float lse, float c, int64_t V, scalar_t* g) {
+  constexpr int64_t kStep = 2 * Vec::size();
+  const Vec vlse(lse), vc(c);
+  int64_t j = 0;
+  for (; j + kStep <= V; j += kStep) {
+    const auto [a, b] = load_two(x + j);
+    const Vec ga = exp_bounded(a - vlse) * vc, gb = exp_bounded(b - vlse) * vc;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      ga.store(g + j);
+      gb.store(g + j + Vec::size());
+    } else {
+      at::vec::convert_from_float<scalar_t>(ga, gb).store(g + j);
+    }
+  }
+  for (; j < V; ++j) g[j] = static_cast<scalar_t>(std::exp(static_cast<float>(x[j]) - lse) * c);
+}
+
 }  // namespace
 
 template <typename scalar_t>
@@ -190,7 +210,49 @@ void scale_rows_cpu(scalar_t* grad, const float* scale, bool per_row, int64_t N,
   });
 }
 
+template <typename scalar_t>
+void vocab_parallel_stats_cpu(const scalar_t* logits, const int64_t* local_labels, const bool* skip, int64_t N,
+                              int64_t V, float* lse, float* target_logit) {
+  const int64_t num_blocks = (V + kBlock - 1) / kBlock;
+  at::parallel_for(0, N, 4, [&](int64_t begin, int64_t end) {
+    std::vector<float> e(V), block_ref(num_blocks);
+    for (int64_t i = begin; i < end; ++i) {
+      if (skip != nullptr && skip[i]) {
+        lse[i] = target_logit[i] = 0.f;
+        continue;
+      }
+      const scalar_t* x = logits + i * V;
+      const auto [R, S] = online_softmax(x, V, e.data(), block_ref.data());
+      lse[i] = R + std::log(S);
+      target_logit[i] = local_labels[i] >= 0 ? static_cast<float>(x[local_labels[i]]) : 0.f;
+    }
+  });
+}
+
+template <typename scalar_t>
+void vocab_parallel_grad_cpu(const scalar_t* logits, scalar_t* grad, const int64_t* local_labels, const bool* skip,
+                             const float* lse, int64_t N, int64_t V, float grad_scale) {
+  at::parallel_for(0, N, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      scalar_t* g = grad + i * V;
+      if (skip != nullptr && skip[i]) {
+        zero_row(g, V);
+        continue;
+      }
+      const scalar_t* x = logits + i * V;
+      const int64_t y = local_labels[i];
+      const float target_logit = y >= 0 ? static_cast<float>(x[y]) : 0.f;  // read before g may overwrite it
+      softmax_row(x, lse[i], grad_scale, V, g);
+      if (y >= 0) g[y] = static_cast<scalar_t>((std::exp(target_logit - lse[i]) - 1.f) * grad_scale);
+    }
+  });
+}
+
 #define GOLDFISH_INSTANTIATE(T)                                                                          \
+  template void vocab_parallel_stats_cpu<T>(const T*, const int64_t*, const bool*, int64_t, int64_t, float*,  \
+                                            float*);                                                     \
+  template void vocab_parallel_grad_cpu<T>(const T*, T*, const int64_t*, const bool*, const float*, int64_t,  \
+                                           int64_t, float);                                              \
   template void cross_entropy_cpu<T>(const T*, T*, float*, const int64_t*, const bool*, int64_t, int64_t, \
                                      int64_t, bool, float);                                              \
   template void scale_rows_cpu<T>(T*, const float*, bool, int64_t, int64_t);

@@ -87,30 +87,52 @@ inline MaskParams make_mask_params(const at::Tensor& labels, int64_t strategy, i
   return p;
 }
 
-// Shared checks of the cross-entropy ops; returns {N, V}.
-inline std::pair<int64_t, int64_t> check_cross_entropy_args(const at::Tensor& logits, const at::Tensor& labels,
-                                                            const c10::optional<at::Tensor>& dropped,
-                                                            int64_t ignore_index) {
+// logits [N, V] and the per-row tensors that go with them (labels [N] int64, an optional bool row mask).
+inline void check_logits_and_rows(const at::Tensor& logits, const at::Tensor& labels,
+                                  const c10::optional<at::Tensor>& row_mask, const char* row_mask_name) {
   TORCH_CHECK(logits.dim() == 2, "goldfish_ds: logits must be 2-D [N, V], got shape ", logits.sizes());
   const auto dtype = logits.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
               "goldfish_ds: logits must be float32, bfloat16 or float16, got ", dtype);
   TORCH_CHECK(logits.is_contiguous(), "goldfish_ds: logits must be contiguous");
-  const int64_t N = logits.size(0), V = logits.size(1);
-  TORCH_CHECK(V >= 1, "goldfish_ds: logits must have a vocabulary dimension V >= 1, got shape ", logits.sizes());
+  const int64_t N = logits.size(0);
+  TORCH_CHECK(logits.size(1) >= 1, "goldfish_ds: logits must have a vocabulary dimension V >= 1, got shape ",
+              logits.sizes());
   check_labels_tensor(labels, 1);
   TORCH_CHECK(labels.numel() == N, "goldfish_ds: labels must have N = ", N, " entries (one per logits row), got ",
               labels.numel());
   check_same_device(labels, logits, "labels", "logits");
   TORCH_CHECK(labels.is_contiguous(), "goldfish_ds: labels must be contiguous");
-  if (dropped.has_value()) {
-    TORCH_CHECK(dropped->scalar_type() == at::kBool && dropped->numel() == N && dropped->is_contiguous(),
-                "goldfish_ds: dropped must be a contiguous bool tensor of N = ", N, " entries, got ",
-                dropped->scalar_type(), " of shape ", dropped->sizes());
-    check_same_device(*dropped, logits, "dropped", "logits");
+  if (row_mask.has_value()) {
+    TORCH_CHECK(row_mask->scalar_type() == at::kBool && row_mask->numel() == N && row_mask->is_contiguous(),
+                "goldfish_ds: ", row_mask_name, " must be a contiguous bool tensor of N = ", N, " entries, got ",
+                row_mask->scalar_type(), " of shape ", row_mask->sizes());
+    check_same_device(*row_mask, logits, row_mask_name, "logits");
   }
-  check_label_range(labels, V, ignore_index);
-  return {N, V};
+}
+
+// Shared checks of the cross-entropy ops.
+inline void check_cross_entropy_args(const at::Tensor& logits, const at::Tensor& labels,
+                                     const c10::optional<at::Tensor>& dropped, int64_t ignore_index) {
+  check_logits_and_rows(logits, labels, dropped, "dropped");
+  check_label_range(labels, logits.size(1), ignore_index);
+}
+
+// Shared checks of the vocab-parallel ops: local_labels in [-1, V) on the rows that are not skipped.
+inline void check_vocab_parallel_args(const at::Tensor& logits, const at::Tensor& local_labels,
+                                      const c10::optional<at::Tensor>& skip) {
+  check_logits_and_rows(logits, local_labels, skip, "skip");
+  at::Tensor bad = local_labels.lt(-1).logical_or(local_labels.ge(logits.size(1)));
+  if (skip.has_value()) bad = bad.logical_and(skip->logical_not());
+  TORCH_CHECK(!bad.any().item<bool>(), "goldfish_ds: local_labels must be in [-1, ", logits.size(1),
+              ") (a column of this vocabulary shard, or -1 when the target is in another shard)");
+}
+
+inline void check_row_floats(const at::Tensor& t, const at::Tensor& logits, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 1 && t.numel() == logits.size(0) && t.is_contiguous(),
+              "goldfish_ds: ", name, " must be a contiguous float32 tensor of N = ", logits.size(0),
+              " entries, got ", t.scalar_type(), " of shape ", t.sizes());
+  check_same_device(t, logits, name, "logits");
 }
 
 inline void check_grad_scale(const at::Tensor& grad_scale, const at::Tensor& logits) {

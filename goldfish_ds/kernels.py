@@ -65,3 +65,19 @@ def _(logits, labels, dropped, ignore_index, dropped_loss, grad_scale):
 @torch.library.register_fake("goldfish_ds::scale_rows_")
 def _(grad, scale):
     return None
+
+
+@torch.library.register_fake("goldfish_ds::vocab_parallel_stats")
+def _(logits, local_labels, skip):
+    return logits.new_empty(logits.shape[0], dtype=torch.float32), logits.new_empty(logits.shape[0],
+                                                                                    dtype=torch.float32)
+
+
+@torch.library.register_fake("goldfish_ds::vocab_parallel_grad")
+def _(logits, local_labels, skip, lse, grad_scale):
+    return torch.empty_like(logits)
+
+
+@torch.library.register_fake("goldfish_ds::vocab_parallel_grad_")
+def _(logits, local_labels, skip, lse, grad_scale):
+    return None

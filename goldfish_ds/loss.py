@@ -79,6 +79,24 @@ class _FusedCrossEntropy(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None
 
 
+def check_loss_inputs(logits: torch.Tensor, labels: torch.Tensor, reduction: str, caller: str) -> None:
+    """Python-side checks shared by the losses: shapes, dtypes, devices and the reduction name."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{caller}: reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
+    if not isinstance(logits, torch.Tensor) or logits.dim() not in (2, 3):
+        raise ValueError(f"{caller}: logits must be a [B, T, V] or [N, V] tensor, got "
+                         f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
+    if logits.shape[-1] < 1:
+        raise ValueError(f"{caller}: logits need a vocabulary dimension V >= 1, got shape {tuple(logits.shape)}")
+    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"{caller}: labels must have shape {tuple(logits.shape[:-1])} (logits' shape without V), "
+                         f"got {tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"{caller}: labels must be int64 (torch.long), got {labels.dtype}")
+    if labels.device != logits.device:
+        raise ValueError(f"{caller}: labels ({labels.device}) and logits ({logits.device}) must be on the same device")
+
+
 def goldfish_cross_entropy(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -101,23 +119,7 @@ def goldfish_cross_entropy(
     after this call). Pass False to keep the logits; the gradient then takes a new buffer.
     return_stats: also return GoldfishStats (computing the loss of dropped rows too: they are then read).
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"goldfish_cross_entropy: reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
-    if not isinstance(logits, torch.Tensor) or logits.dim() not in (2, 3):
-        raise ValueError("goldfish_cross_entropy: logits must be a [B, T, V] or [N, V] tensor, got "
-                         f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
-    if logits.shape[-1] < 1:
-        raise ValueError(f"goldfish_cross_entropy: logits need a vocabulary dimension V >= 1, got shape "
-                         f"{tuple(logits.shape)}")
-    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(f"goldfish_cross_entropy: labels must have shape {tuple(logits.shape[:-1])} "
-                         f"(logits' shape without V), got "
-                         f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
-    if labels.dtype != torch.int64:
-        raise TypeError(f"goldfish_cross_entropy: labels must be int64 (torch.long), got {labels.dtype}")
-    if labels.device != logits.device:
-        raise ValueError(f"goldfish_cross_entropy: labels ({labels.device}) and logits ({logits.device}) "
-                         "must be on the same device")
+    check_loss_inputs(logits, labels, reduction, "goldfish_cross_entropy")
     check_device_supported(logits.device)
 
     ignore_index = cfg.ignore_index if cfg is not None else -100
@@ -134,10 +136,11 @@ def goldfish_cross_entropy(
         loss = loss.reshape(labels.shape)
     if not return_stats:
         return loss
-    return loss, _stats(row_loss.detach(), kept, dropped)
+    return loss, stats_from_row_losses(row_loss.detach(), kept, dropped)
 
 
-def _stats(row_loss: torch.Tensor, kept: torch.Tensor, dropped: Optional[torch.Tensor]) -> GoldfishStats:
+def stats_from_row_losses(row_loss: torch.Tensor, kept: torch.Tensor, dropped: Optional[torch.Tensor]) -> GoldfishStats:
+    """GoldfishStats from per-row losses [N] (valid at kept and dropped rows) and the row masks [N]."""
     if dropped is None:
         dropped = torch.zeros_like(kept)
     n_kept, n_dropped = kept.sum(), dropped.sum()

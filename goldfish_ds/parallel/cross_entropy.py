@@ -1,0 +1,111 @@
+"""Vocab-parallel goldfish cross-entropy: each tensor-parallel rank holds a contiguous slice of the
+vocabulary's logits, and only O(N) floats cross the wire.
+
+Communication per call (on `group`): 2 all-reduces, the MAX of the local log-sum-exp [N] floats, then
+the SUM of [2, N] floats (the rescaled local sums of exponentials and the target logit, which one rank
+holds). A gather of the logits would move N x V values. The goldfish mask is computed from the full
+label tensor, identical on every rank, and applied inside the loss like ignore_index.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+from goldfish_ds.config import GoldfishConfig
+from goldfish_ds.kernels import check_device_supported, ops
+from goldfish_ds.loss import GoldfishStats, check_loss_inputs, stats_from_row_losses
+from goldfish_ds.mask import goldfish_mask
+from goldfish_ds.parallel.state import model_parallel_is_initialized, tensor_parallel_group
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Statistics pass, two all-reduces, then the gradient pass (in place by default); backward rescales."""
+
+    @staticmethod
+    def forward(ctx, logits, local_labels, kept, stats_rows, reduction, in_place, group):
+        # Local statistics of the rows whose loss is wanted (kept, plus dropped ones for diagnostics).
+        lse_local, target_logit = ops.vocab_parallel_stats(logits, local_labels, ~stats_rows)
+        global_max = lse_local.clone()
+        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+        sums = torch.stack([torch.exp(lse_local - global_max), target_logit])
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+        lse = global_max + torch.log(sums[0])
+        row_loss = lse - sums[1]
+
+        n_kept = kept.sum()
+        if reduction == "mean":
+            grad_scale = (1.0 / n_kept.clamp(min=1).to(torch.float32)).reshape(1)
+        else:
+            grad_scale = torch.ones(1, dtype=torch.float32, device=logits.device)
+        if ctx.needs_input_grad[0]:
+            if in_place:
+                ops.vocab_parallel_grad_(logits, local_labels, ~kept, lse, grad_scale)
+                torch.autograd.graph.increment_version(logits)  # autograd must see that the logits changed
+                grad = logits
+            else:
+                grad = ops.vocab_parallel_grad(logits, local_labels, ~kept, lse, grad_scale)
+            ctx.save_for_backward(grad)
+        kept_loss = torch.where(kept, row_loss, 0.0)
+        loss = kept_loss if reduction == "none" else kept_loss.sum() * (grad_scale[0] if reduction == "mean" else 1)
+        ctx.mark_non_differentiable(row_loss)
+        return loss, row_loss
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_row_loss):
+        (grad,) = ctx.saved_tensors
+        ops.scale_rows_(grad, grad_loss.detach().to(torch.float32).reshape(-1).contiguous())
+        return grad, None, None, None, None, None, None
+
+
+def vocab_parallel_goldfish_cross_entropy(
+    local_logits: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: Optional[GoldfishConfig],
+    group: Optional[dist.ProcessGroup] = None,
+    reduction: str = "mean",
+    *,
+    step: int = 0,
+    in_place: bool = True,
+    return_stats: bool = False,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, GoldfishStats]]:
+    """goldfish_cross_entropy for logits split over the vocabulary across the ranks of `group`.
+
+    local_logits: [B, T, V/tp] (or [N, V/tp]): rank r holds vocabulary columns [r V/tp, (r+1) V/tp).
+    Columns that pad the vocabulary to a multiple of tp must hold -inf (they then never win the softmax).
+    labels: [B, T] (or [N]) int64, the same on every rank, in [0, V) or cfg.ignore_index.
+    group: the tensor-parallel group (default: the one from initialize_model_parallel, else the world).
+    The other arguments and the result are those of goldfish_ds.goldfish_cross_entropy; the loss and its
+    statistics are identical on every rank, and each rank's gradient is its own slice.
+    """
+    check_loss_inputs(local_logits, labels, reduction, "vocab_parallel_goldfish_cross_entropy")
+    check_device_supported(local_logits.device)
+    if group is None:
+        group = tensor_parallel_group() if model_parallel_is_initialized() else dist.group.WORLD
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    shard = local_logits.shape[-1]
+    ignore_index = cfg.ignore_index if cfg is not None else -100
+
+    flat_labels = labels.reshape(-1).contiguous()
+    valid = flat_labels.ne(ignore_index)
+    bad = valid & ((flat_labels < 0) | (flat_labels >= shard * world))
+    if bad.any():
+        raise ValueError(f"vocab_parallel_goldfish_cross_entropy: labels must be in [0, {shard * world}) "
+                         f"({world} shards of {shard}) or ignore_index={ignore_index}; "
+                         f"found {flat_labels[bad][0].item()}")
+    dropped = goldfish_mask(labels, cfg, step).reshape(-1) if cfg is not None else torch.zeros_like(valid)
+    kept = valid & ~dropped
+    start = rank * shard
+    local_labels = torch.where((flat_labels >= start) & (flat_labels < start + shard), flat_labels - start, -1)
+    flat_logits = local_logits.reshape(-1, shard)
+    if not flat_logits.is_contiguous():
+        flat_logits = flat_logits.contiguous()
+    stats_rows = valid if return_stats else kept
+    loss, row_loss = _VocabParallelCrossEntropy.apply(flat_logits, local_labels, kept, stats_rows, reduction,
+                                                      in_place, group)
+    if reduction == "none":
+        loss = loss.reshape(labels.shape)
+    if not return_stats:
+        return loss
+    return loss, stats_from_row_losses(row_loss.detach(), kept, dropped if cfg is not None else None)

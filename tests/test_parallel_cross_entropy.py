@@ -1,0 +1,102 @@
+"""vocab_parallel_goldfish_cross_entropy on real gloo ranks against the single-process loss and torch."""
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from distributed import run_distributed
+from goldfish_ds import GoldfishConfig, apply_goldfish, goldfish_cross_entropy
+from goldfish_ds.parallel import (initialize_model_parallel, destroy_model_parallel, tensor_parallel_group,
+                                  tensor_parallel_rank, vocab_parallel_goldfish_cross_entropy)
+
+CFG = GoldfishConfig(k=4, h=3, exempt_ids=(1,))
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+
+
+def batch(V, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(2, 24, V, generator=g) * 3).to(dtype)
+    labels = torch.randint(0, V, (2, 24), generator=g)
+    labels[0, -5:] = -100
+    labels[:, 0] = 1
+    return logits, labels
+
+
+def check_against_single_process(rank, world, V, dtype, reduction, in_place):
+    """Every rank: loss equal to TP=1 and to torch in float64; its gradient slice equal to theirs."""
+    shard = -(-V // world)
+    logits, labels = batch(V, dtype)
+    padded = torch.full((2, 24, shard * world), float("-inf"), dtype=dtype)  # vocabulary padded with -inf
+    padded[..., :V] = logits
+    local = padded[..., rank * shard:(rank + 1) * shard].clone().requires_grad_()
+
+    calls = []
+    all_reduce = dist.all_reduce
+    dist.all_reduce = lambda *a, **k: calls.append(1) or all_reduce(*a, **k)
+    try:
+        loss, stats = vocab_parallel_goldfish_cross_entropy(local, labels, CFG, reduction=reduction,
+                                                            in_place=in_place, return_stats=True)
+    finally:
+        dist.all_reduce = all_reduce
+    assert len(calls) == 2  # MAX of [N], SUM of [2, N]: O(N) floats, never the logits
+    loss.sum().backward()
+
+    full = logits.clone().requires_grad_()
+    ref_loss, ref_stats = goldfish_cross_entropy(full, labels, CFG, reduction, in_place=False, return_stats=True)
+    ref_loss.sum().backward()
+    x64 = logits.double().requires_grad_()
+    torch64 = F.cross_entropy(x64.reshape(-1, V), apply_goldfish(labels, CFG).reshape(-1), reduction=reduction)
+    torch64.sum().backward()
+
+    assert rel(loss, ref_loss) <= 1e-6 and rel(loss, torch64.reshape(loss.shape)) <= 1e-6
+    for name in ("loss_all_tokens", "loss_dropped_tokens", "drop_rate"):
+        assert rel(getattr(stats, name), getattr(ref_stats, name)) <= 1e-6, name
+    my_columns = slice(rank * shard, min((rank + 1) * shard, V))
+    width = my_columns.stop - my_columns.start
+    tol = 1e-5 if dtype == torch.float32 else 1.6e-2
+    assert rel(local.grad[..., :width], full.grad[..., my_columns]) <= tol
+    assert rel(local.grad[..., :width], x64.grad[..., my_columns]) <= tol
+    assert torch.equal(local.grad[..., width:], torch.zeros_like(local.grad[..., width:]))  # padding: no gradient
+
+
+def body_matches_single_process(rank, world):
+    for V, dtype, reduction, in_place in [(1000, torch.float32, "mean", True), (1001, torch.float32, "sum", False),
+                                          (999, torch.float32, "none", True), (1000, torch.bfloat16, "mean", True)]:
+        check_against_single_process(rank, world, V, dtype, reduction, in_place)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_vocab_parallel_matches_single_process(world):
+    run_distributed(body_matches_single_process, world)
+
+
+def body_tp_groups(rank, world):
+    """TP=2 inside a world of 4: two independent TP groups, each reducing only over its own ranks."""
+    initialize_model_parallel(2)
+    try:
+        logits, labels = batch(800, torch.float32, seed=rank // 2)  # the two TP groups see different batches
+        tp_rank = tensor_parallel_rank()
+        local = logits[..., tp_rank * 400:(tp_rank + 1) * 400].clone().requires_grad_()
+        loss = vocab_parallel_goldfish_cross_entropy(local, labels, CFG)
+        assert tensor_parallel_group() is not None
+        assert rel(loss, goldfish_cross_entropy(logits, labels, CFG, in_place=False)) <= 1e-6
+    finally:
+        destroy_model_parallel()
+
+
+def test_vocab_parallel_uses_the_tensor_parallel_group():
+    run_distributed(body_tp_groups, 4)
+
+
+def body_bad_labels(rank, world):
+    logits, labels = batch(100, torch.float32)
+    labels[0, 3] = 100 * world
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 200\)"):
+        vocab_parallel_goldfish_cross_entropy(logits, labels, CFG)
+
+
+def test_vocab_parallel_rejects_labels_outside_the_vocabulary():
+    run_distributed(body_bad_labels, 2)
