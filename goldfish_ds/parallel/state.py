@@ -78,3 +78,22 @@ def data_parallel_rank() -> int:
 
 def data_parallel_world_size() -> int:
     return dist.get_world_size(data_parallel_group())
+
+
+class _DeepSpeedMPU:
+    """The model-parallel unit DeepSpeed takes as `deepspeed.initialize(..., mpu=mpu)`: ZeRO then shards
+    over the data-parallel group and clips gradients across tensor-parallel shards. (It must not have an
+    `initialize_sequence_parallel` attribute, which would make DeepSpeed treat it as sequence-parallel.)"""
+
+    get_model_parallel_group = staticmethod(tensor_parallel_group)
+    get_model_parallel_rank = staticmethod(tensor_parallel_rank)
+    get_model_parallel_world_size = staticmethod(tensor_parallel_world_size)
+    get_tensor_model_parallel_group = staticmethod(tensor_parallel_group)
+    get_tensor_model_parallel_rank = staticmethod(tensor_parallel_rank)
+    get_tensor_model_parallel_world_size = staticmethod(tensor_parallel_world_size)
+    get_data_parallel_group = staticmethod(data_parallel_group)
+    get_data_parallel_rank = staticmethod(data_parallel_rank)
+    get_data_parallel_world_size = staticmethod(data_parallel_world_size)
+
+
+mpu = _DeepSpeedMPU()

@@ -1,0 +1,141 @@
+"""Tensor-parallel layers: each rank holds a slice of the weight and the collectives of mappings.py.
+
+Weights are initialised from the full weight drawn on the CPU with a seeded generator and then sliced,
+so a model has the same parameters at every tensor-parallel size. Sharded parameters carry
+`tensor_model_parallel = True` (DeepSpeed then counts them once per TP group when clipping gradients);
+replicated ones do not.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from goldfish_ds.parallel.mappings import (copy_to_tensor_parallel_region, gather_from_tensor_parallel_region,
+                                           reduce_from_tensor_parallel_region, scatter_to_tensor_parallel_region)
+from goldfish_ds.parallel.state import tensor_parallel_group
+
+
+def _divide(total: int, parts: int, what: str) -> int:
+    if total % parts:
+        raise ValueError(f"{what} ({total}) must be divisible by the tensor-parallel size ({parts})")
+    return total // parts
+
+
+def _sharded_parameter(full_shape: tuple, dim: int, rank: int, world: int, std: float, seed: int) -> nn.Parameter:
+    """This rank's slice along `dim` of a full normal(0, std) weight drawn with `seed` on the CPU."""
+    full = torch.empty(full_shape).normal_(0.0, std, generator=torch.Generator().manual_seed(seed))
+    param = nn.Parameter(full.chunk(world, dim=dim)[rank].contiguous())
+    param.tensor_model_parallel = True
+    return param
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with W [out, in] split by output rows: rank r computes outputs [r out/tp, (r+1) out/tp).
+
+    gather_output=False leaves y split over the ranks (the input of a RowParallelLinear, or vocab-parallel
+    logits); True all-gathers it. Backward all-reduces the input gradient.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, gather_output: bool = False, std: float = 0.02,
+                 seed: int = 0, group: Optional[dist.ProcessGroup] = None) -> None:
+        super().__init__()
+        self.group = tensor_parallel_group() if group is None else group
+        rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        self.in_features, self.out_features = in_features, out_features
+        self.out_per_rank = _divide(out_features, world, "ColumnParallelLinear out_features")
+        self.gather_output = gather_output
+        self.weight = _sharded_parameter((out_features, in_features), 0, rank, world, std, seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(copy_to_tensor_parallel_region(x, self.group), self.weight)
+        return gather_from_tensor_parallel_region(y, self.group) if self.gather_output else y
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T with W [out, in] split by input columns: rank r multiplies inputs [r in/tp, (r+1) in/tp),
+    and the partial products are all-reduced. input_is_parallel=False first keeps this rank's input slice."""
+
+    def __init__(self, in_features: int, out_features: int, *, input_is_parallel: bool = True, std: float = 0.02,
+                 seed: int = 0, group: Optional[dist.ProcessGroup] = None) -> None:
+        super().__init__()
+        self.group = tensor_parallel_group() if group is None else group
+        rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        self.in_features, self.out_features = in_features, out_features
+        self.in_per_rank = _divide(in_features, world, "RowParallelLinear in_features")
+        self.input_is_parallel = input_is_parallel
+        self.weight = _sharded_parameter((out_features, in_features), 1, rank, world, std, seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = scatter_to_tensor_parallel_region(x, self.group)
+        return reduce_from_tensor_parallel_region(F.linear(x, self.weight), self.group)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding whose table [V_padded, H] is split by rows: rank r holds ids [r V_padded/tp, (r+1) V_padded/tp).
+
+    The vocabulary is padded to a multiple of tp (padding rows are zero and never looked up); each rank
+    embeds the ids it holds, and the results are all-reduced.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, std: float = 0.02, seed: int = 0,
+                 group: Optional[dist.ProcessGroup] = None) -> None:
+        super().__init__()
+        self.group = tensor_parallel_group() if group is None else group
+        rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.padded_num_embeddings = math.ceil(num_embeddings / world) * world
+        self.per_rank = self.padded_num_embeddings // world
+        self.vocab_start = rank * self.per_rank
+        full = torch.zeros(self.padded_num_embeddings, embedding_dim)
+        full[:num_embeddings].normal_(0.0, std, generator=torch.Generator().manual_seed(seed))
+        self.weight = nn.Parameter(full[self.vocab_start:self.vocab_start + self.per_rank].clone())
+        self.weight.tensor_model_parallel = True
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self.num_embeddings):
+            raise ValueError(f"VocabParallelEmbedding: ids must be in [0, {self.num_embeddings}), got "
+                             f"[{ids.min().item()}, {ids.max().item()}]")
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.per_rank)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tensor_parallel_region(out, self.group)
+
+
+class VocabParallelLMHead(nn.Module):
+    """Hidden states -> this rank's slice of the logits [.., V_padded/tp], for vocab_parallel_goldfish_cross_entropy.
+
+    The weight has the layout of VocabParallelEmbedding's (pass `tied` to share it). Columns past the real
+    vocabulary (padding to a multiple of tp) are set to -inf, so they never win the softmax.
+    """
+
+    def __init__(self, hidden_size: int, vocab_size: int, *, tied: Optional[VocabParallelEmbedding] = None,
+                 std: float = 0.02, seed: int = 0, group: Optional[dist.ProcessGroup] = None) -> None:
+        super().__init__()
+        self.group = tensor_parallel_group() if group is None else group
+        rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        self.vocab_size = vocab_size
+        self.per_rank = math.ceil(vocab_size / world)
+        self.vocab_start = rank * self.per_rank
+        self.tied = tied
+        if tied is None:
+            full = torch.zeros(self.per_rank * world, hidden_size)
+            full[:vocab_size].normal_(0.0, std, generator=torch.Generator().manual_seed(seed))
+            self.weight = nn.Parameter(full[self.vocab_start:self.vocab_start + self.per_rank].clone())
+            self.weight.tensor_model_parallel = True
+        elif tied.per_rank != self.per_rank or tied.embedding_dim != hidden_size:
+            raise ValueError("VocabParallelLMHead: the tied embedding must have the same vocabulary and hidden size")
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.tied.weight if self.tied is not None else self.weight
+        logits = F.linear(copy_to_tensor_parallel_region(hidden, self.group), weight)
+        padding = self.vocab_start + self.per_rank - self.vocab_size
+        if padding > 0:  # only the last ranks hold padding columns; in place: linear does not save its output
+            logits[..., max(self.per_rank - padding, 0):] = float("-inf")
+        return logits
