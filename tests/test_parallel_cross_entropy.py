@@ -37,8 +37,9 @@ def check_against_single_process(rank, world, V, dtype, reduction, in_place):
     all_reduce = dist.all_reduce
     dist.all_reduce = lambda *a, **k: calls.append(1) or all_reduce(*a, **k)
     try:
-        loss, stats = vocab_parallel_goldfish_cross_entropy(local, labels, CFG, reduction=reduction,
-                                                            in_place=in_place, return_stats=True)
+        loss, stats = vocab_parallel_goldfish_cross_entropy(local, labels, CFG, dist.group.WORLD,
+                                                            reduction=reduction, in_place=in_place,
+                                                            return_stats=True)
     finally:
         dist.all_reduce = all_reduce
     assert len(calls) == 2  # MAX of [N], SUM of [2, N]: O(N) floats, never the logits
@@ -95,8 +96,19 @@ def body_bad_labels(rank, world):
     logits, labels = batch(100, torch.float32)
     labels[0, 3] = 100 * world
     with pytest.raises(ValueError, match=r"labels must be in \[0, 200\)"):
-        vocab_parallel_goldfish_cross_entropy(logits, labels, CFG)
+        vocab_parallel_goldfish_cross_entropy(logits, labels, CFG, dist.group.WORLD)
 
 
 def test_vocab_parallel_rejects_labels_outside_the_vocabulary():
     run_distributed(body_bad_labels, 2)
+
+
+def test_single_process_without_groups_equals_the_fused_loss():
+    logits, labels = batch(500, torch.float32)
+    a = logits.clone().requires_grad_()
+    loss = vocab_parallel_goldfish_cross_entropy(a, labels, CFG)
+    loss.backward()
+    b = logits.clone().requires_grad_()
+    ref = goldfish_cross_entropy(b, labels, CFG)
+    ref.backward()
+    assert rel(loss, ref) <= 1e-6 and rel(a.grad, b.grad) <= 1e-6

@@ -17,7 +17,7 @@ from goldfish_ds.config import GoldfishConfig
 from goldfish_ds.kernels import check_device_supported, ops
 from goldfish_ds.loss import GoldfishStats, check_loss_inputs, stats_from_row_losses
 from goldfish_ds.mask import goldfish_mask
-from goldfish_ds.parallel.state import model_parallel_is_initialized, tensor_parallel_group
+from goldfish_ds.parallel.state import default_tensor_parallel_group, group_rank_and_size
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -28,9 +28,11 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         # Local statistics of the rows whose loss is wanted (kept, plus dropped ones for diagnostics).
         lse_local, target_logit = ops.vocab_parallel_stats(logits, local_labels, ~stats_rows)
         global_max = lse_local.clone()
-        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+        if group is not None:
+            dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
         sums = torch.stack([torch.exp(lse_local - global_max), target_logit])
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+        if group is not None:
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
         lse = global_max + torch.log(sums[0])
         row_loss = lse - sums[1]
 
@@ -75,15 +77,15 @@ def vocab_parallel_goldfish_cross_entropy(
     local_logits: [B, T, V/tp] (or [N, V/tp]): rank r holds vocabulary columns [r V/tp, (r+1) V/tp).
     Columns that pad the vocabulary to a multiple of tp must hold -inf (they then never win the softmax).
     labels: [B, T] (or [N]) int64, the same on every rank, in [0, V) or cfg.ignore_index.
-    group: the tensor-parallel group (default: the one from initialize_model_parallel, else the world).
+    group: the tensor-parallel group (default: the one from initialize_model_parallel; without one, a
+    single shard holding the whole vocabulary, with no communication).
     The other arguments and the result are those of goldfish_ds.goldfish_cross_entropy; the loss and its
     statistics are identical on every rank, and each rank's gradient is its own slice.
     """
     check_loss_inputs(local_logits, labels, reduction, "vocab_parallel_goldfish_cross_entropy")
     check_device_supported(local_logits.device)
-    if group is None:
-        group = tensor_parallel_group() if model_parallel_is_initialized() else dist.group.WORLD
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    group = default_tensor_parallel_group(group)
+    rank, world = group_rank_and_size(group)
     shard = local_logits.shape[-1]
     ignore_index = cfg.ignore_index if cfg is not None else -100
 

@@ -1,6 +1,7 @@
 """Tensor-parallel layers: each rank holds a slice of the weight and the collectives of mappings.py.
 
-Weights are initialised from the full weight drawn on the CPU with a seeded generator and then sliced,
+Without an initialised tensor-parallel group (a single process) they are plain layers holding the whole
+weight. Weights are initialised from the full weight drawn on the CPU with a seeded generator and then sliced,
 so a model has the same parameters at every tensor-parallel size. Sharded parameters carry
 `tensor_model_parallel = True` (DeepSpeed then counts them once per TP group when clipping gradients);
 replicated ones do not.
@@ -17,7 +18,7 @@ from torch import nn
 
 from goldfish_ds.parallel.mappings import (copy_to_tensor_parallel_region, gather_from_tensor_parallel_region,
                                            reduce_from_tensor_parallel_region, scatter_to_tensor_parallel_region)
-from goldfish_ds.parallel.state import tensor_parallel_group
+from goldfish_ds.parallel.state import default_tensor_parallel_group, group_rank_and_size
 
 
 def _divide(total: int, parts: int, what: str) -> int:
@@ -44,8 +45,8 @@ class ColumnParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, *, gather_output: bool = False, std: float = 0.02,
                  seed: int = 0, group: Optional[dist.ProcessGroup] = None) -> None:
         super().__init__()
-        self.group = tensor_parallel_group() if group is None else group
-        rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        self.group = default_tensor_parallel_group(group)
+        rank, world = group_rank_and_size(self.group)
         self.in_features, self.out_features = in_features, out_features
         self.out_per_rank = _divide(out_features, world, "ColumnParallelLinear out_features")
         self.gather_output = gather_output
@@ -63,8 +64,8 @@ class RowParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, *, input_is_parallel: bool = True, std: float = 0.02,
                  seed: int = 0, group: Optional[dist.ProcessGroup] = None) -> None:
         super().__init__()
-        self.group = tensor_parallel_group() if group is None else group
-        rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        self.group = default_tensor_parallel_group(group)
+        rank, world = group_rank_and_size(self.group)
         self.in_features, self.out_features = in_features, out_features
         self.in_per_rank = _divide(in_features, world, "RowParallelLinear in_features")
         self.input_is_parallel = input_is_parallel
@@ -86,8 +87,8 @@ class VocabParallelEmbedding(nn.Module):
     def __init__(self, num_embeddings: int, embedding_dim: int, *, std: float = 0.02, seed: int = 0,
                  group: Optional[dist.ProcessGroup] = None) -> None:
         super().__init__()
-        self.group = tensor_parallel_group() if group is None else group
-        rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        self.group = default_tensor_parallel_group(group)
+        rank, world = group_rank_and_size(self.group)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.padded_num_embeddings = math.ceil(num_embeddings / world) * world
         self.per_rank = self.padded_num_embeddings // world
@@ -118,8 +119,8 @@ class VocabParallelLMHead(nn.Module):
     def __init__(self, hidden_size: int, vocab_size: int, *, tied: Optional[VocabParallelEmbedding] = None,
                  std: float = 0.02, seed: int = 0, group: Optional[dist.ProcessGroup] = None) -> None:
         super().__init__()
-        self.group = tensor_parallel_group() if group is None else group
-        rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        self.group = default_tensor_parallel_group(group)
+        rank, world = group_rank_and_size(self.group)
         self.vocab_size = vocab_size
         self.per_rank = math.ceil(vocab_size / world)
         self.vocab_start = rank * self.per_rank

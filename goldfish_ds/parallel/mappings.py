@@ -1,6 +1,7 @@
 """The four autograd collectives of tensor parallelism, on the last dimension of activations.
 
-Each states what crosses the wire for an activation x of E elements on a group of tp ranks.
+Each states what crosses the wire for an activation x of E elements on a group of tp ranks. The group
+defaults to the one from initialize_model_parallel; without one (a single process) they are identities.
 """
 from __future__ import annotations
 
@@ -9,28 +10,28 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from goldfish_ds.parallel.state import tensor_parallel_group
+from goldfish_ds.parallel.state import default_tensor_parallel_group, group_rank_and_size
 
 
-def _all_reduce(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    if dist.get_world_size(group) == 1:
+def _all_reduce(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    if group_rank_and_size(group)[1] == 1:
         return x
     x = x.contiguous().clone()
     dist.all_reduce(x, group=group)
     return x
 
 
-def _split_last(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    world = dist.get_world_size(group)
+def _split_last(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    rank, world = group_rank_and_size(group)
     if world == 1:
         return x
     if x.shape[-1] % world:
         raise ValueError(f"the last dimension ({x.shape[-1]}) must be divisible by the tensor-parallel size {world}")
-    return x.chunk(world, dim=-1)[dist.get_rank(group)].contiguous()
+    return x.chunk(world, dim=-1)[rank].contiguous()
 
 
-def _gather_last(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    world = dist.get_world_size(group)
+def _gather_last(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    world = group_rank_and_size(group)[1]
     if world == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(world)]
@@ -81,8 +82,8 @@ class _GatherFromRegion(torch.autograd.Function):
         return _split_last(grad, ctx.group), None
 
 
-def _group(group: Optional[dist.ProcessGroup]) -> dist.ProcessGroup:
-    return tensor_parallel_group() if group is None else group
+def _group(group: Optional[dist.ProcessGroup]) -> Optional[dist.ProcessGroup]:
+    return default_tensor_parallel_group(group)
 
 
 def copy_to_tensor_parallel_region(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:

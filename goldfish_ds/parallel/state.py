@@ -60,6 +60,18 @@ def tensor_parallel_group() -> dist.ProcessGroup:
     return _require(_TP_GROUP, "tensor-parallel")
 
 
+def default_tensor_parallel_group(group: Optional[dist.ProcessGroup]) -> Optional[dist.ProcessGroup]:
+    """`group` if given, else the TP group if initialised, else None: a single process without TP."""
+    if group is not None:
+        return group
+    return _TP_GROUP
+
+
+def group_rank_and_size(group: Optional[dist.ProcessGroup]) -> tuple:
+    """(rank, size) of this process in `group`; (0, 1) for None (no tensor parallelism)."""
+    return (0, 1) if group is None else (dist.get_rank(group), dist.get_world_size(group))
+
+
 def data_parallel_group() -> dist.ProcessGroup:
     return _require(_DP_GROUP, "data-parallel")
 
