@@ -1,0 +1,184 @@
+"""Llama (the HF `LlamaForCausalLM` architecture) built from the tensor-parallel layers.
+
+RMSNorm, rotary embeddings in HF's rotate-half convention, SwiGLU MLP, grouped-query attention through
+`scaled_dot_product_attention`, tied or untied embeddings. With tensor parallelism each rank holds
+num_attention_heads / tp query heads and num_key_value_heads / tp key/value heads, a slice of the MLP, and
+a slice of the vocabulary; `forward` returns this rank's slice of the logits, the input of
+goldfish_ds.parallel.vocab_parallel_goldfish_cross_entropy. Without a tensor-parallel group it is a plain
+single-process model.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from goldfish_ds.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelLMHead
+from goldfish_ds.parallel.state import default_tensor_parallel_group, group_rank_and_size
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """The architecture; field names and meanings are those of HF's LlamaConfig."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"LlamaConfig: hidden_size ({self.hidden_size}) must be divisible by "
+                             f"num_attention_heads ({self.num_attention_heads})")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"LlamaConfig: num_attention_heads ({self.num_attention_heads}) must be divisible by "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "LlamaConfig":
+        """From our config JSON or an HF config.json (unknown keys ignored; unsupported features refused)."""
+        if values.get("rope_scaling"):
+            raise ValueError(f"LlamaConfig: rope_scaling {values['rope_scaling']!r} is not supported (only none)")
+        if values.get("attention_bias") or values.get("mlp_bias"):
+            raise ValueError("LlamaConfig: attention_bias / mlp_bias are not supported (Llama has none)")
+        if values.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"LlamaConfig: hidden_act must be 'silu', got {values['hidden_act']!r}")
+        names = {f.name for f in fields(cls)}
+        values = dict(values)
+        values.setdefault("num_key_value_heads", values.get("num_attention_heads"))
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    @classmethod
+    def from_json(cls, path: str) -> "LlamaConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def to_hf_dict(self) -> dict:
+        return {**asdict(self), "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+                "attention_bias": False, "mlp_bias": False, "rope_scaling": None, "torch_dtype": "float32"}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 and cast back before the weight, as HF does (bit-compatible outputs).
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin [T, head_dim] of HF's rotate-half rotary embedding."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig, seed: int, group) -> None:
+        super().__init__()
+        _, tp = group_rank_and_size(group)
+        if cfg.num_key_value_heads % tp:
+            raise ValueError(f"Llama: the tensor-parallel size ({tp}) must divide num_key_value_heads "
+                             f"({cfg.num_key_value_heads})")
+        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads // tp, cfg.num_key_value_heads // tp, cfg.head_dim
+        std = cfg.initializer_range
+        self.q_proj = ColumnParallelLinear(cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, std=std, seed=seed, group=group)
+        self.k_proj = ColumnParallelLinear(cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim, std=std, seed=seed + 1, group=group)
+        self.v_proj = ColumnParallelLinear(cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim, std=std, seed=seed + 2, group=group)
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, std=std, seed=seed + 3, group=group)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.heads != self.kv_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig, seed: int, group) -> None:
+        super().__init__()
+        std = cfg.initializer_range
+        self.gate_proj = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, std=std, seed=seed, group=group)
+        self.up_proj = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, std=std, seed=seed + 1, group=group)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, std=std, seed=seed + 2, group=group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig, seed: int, group) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, seed, group)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg, seed + 10, group)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    """Token ids [B, T] -> this rank's vocabulary slice of the logits [B, T, ceil(V / tp)].
+
+    seed: initialisation seed; the parameters are the same at every tensor-parallel size.
+    activation_checkpointing: recompute each decoder layer in the backward pass instead of storing it.
+    """
+
+    def __init__(self, cfg: LlamaConfig, *, seed: int = 0, activation_checkpointing: bool = False,
+                 group=None) -> None:
+        super().__init__()
+        group = default_tensor_parallel_group(group)
+        self.cfg = cfg
+        self.activation_checkpointing = activation_checkpointing
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, std=cfg.initializer_range,
+                                                   seed=seed, group=group)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, seed + 100 * (i + 1), group) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = VocabParallelLMHead(cfg.hidden_size, cfg.vocab_size,
+                                           tied=self.embed_tokens if cfg.tie_word_embeddings else None,
+                                           std=cfg.initializer_range, seed=seed + 1, group=group)
+
+    def forward(self, input_ids: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        T = input_ids.shape[1]
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device)
+        x = self.embed_tokens(input_ids)
+        cos, sin = rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
+        return self.lm_head(self.norm(x))
