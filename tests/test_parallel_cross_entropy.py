@@ -1,4 +1,6 @@
 """vocab_parallel_goldfish_cross_entropy on real gloo ranks against the single-process loss and torch."""
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -112,3 +114,28 @@ def test_single_process_without_groups_equals_the_fused_loss():
     ref = goldfish_cross_entropy(b, labels, CFG)
     ref.backward()
     assert rel(loss, ref) <= 1e-6 and rel(a.grad, b.grad) <= 1e-6
+
+
+def body_labels_differ(rank, world):
+    logits, labels = batch(100 * world, torch.float32)
+    labels[1, 7] = (labels[1, 7] + rank) % 100  # rank 1 sees another batch
+    local = logits[..., rank * 100:(rank + 1) * 100].contiguous()
+    with pytest.raises(ValueError, match="labels differ between the tensor-parallel ranks"):
+        vocab_parallel_goldfish_cross_entropy(local, labels, CFG, dist.group.WORLD, check_labels_match=True)
+
+
+def test_debug_mode_detects_labels_that_differ_between_ranks():
+    run_distributed(body_labels_differ, 2)
+
+
+def body_rank_dies(rank, world):
+    if rank == 1:
+        os._exit(0)  # dies without a word (exit code 0, so only rank 0's own behaviour decides the test)
+    logits, labels = batch(200, torch.float32)
+    with pytest.raises(RuntimeError):  # the collective fails (peer gone, or the process group's timeout)
+        vocab_parallel_goldfish_cross_entropy(logits[..., :100].contiguous(), labels, CFG, dist.group.WORLD)
+    os._exit(0)  # the default group cannot be torn down cleanly without its peer
+
+
+def test_a_dead_rank_makes_the_others_fail_not_hang():
+    run_distributed(body_rank_dies, 2)

@@ -1,5 +1,6 @@
 """Tensor parallelism (Megatron-style) for goldfish_ds: process groups and the vocab-parallel loss."""
 from goldfish_ds.parallel.cross_entropy import vocab_parallel_goldfish_cross_entropy
+from goldfish_ds.parallel.distributed import LaunchEnvironment, init_distributed, launch_environment
 from goldfish_ds.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                          VocabParallelLMHead)
 from goldfish_ds.parallel.mappings import (copy_to_tensor_parallel_region, gather_from_tensor_parallel_region,
@@ -18,6 +19,9 @@ from goldfish_ds.parallel.state import (
 )
 
 __all__ = [
+    "LaunchEnvironment",
+    "init_distributed",
+    "launch_environment",
     "ColumnParallelLinear",
     "RowParallelLinear",
     "VocabParallelEmbedding",

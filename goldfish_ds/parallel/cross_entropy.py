@@ -61,6 +61,16 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad, None, None, None, None, None, None
 
 
+def _check_labels_match(labels: torch.Tensor, group: dist.ProcessGroup) -> None:
+    weights = torch.arange(1, labels.numel() + 1, dtype=torch.int64, device=labels.device)
+    checksum = (labels * weights).sum()  # position-weighted, wrapping: differs for reordered labels too
+    both = torch.stack([checksum, -checksum])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    if both[0] != -both[1]:
+        raise ValueError("vocab_parallel_goldfish_cross_entropy: labels differ between the tensor-parallel ranks "
+                         "(every rank of a TP group must see the same batch)")
+
+
 def vocab_parallel_goldfish_cross_entropy(
     local_logits: torch.Tensor,
     labels: torch.Tensor,
@@ -71,6 +81,7 @@ def vocab_parallel_goldfish_cross_entropy(
     step: int = 0,
     in_place: bool = True,
     return_stats: bool = False,
+    check_labels_match: bool = False,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, GoldfishStats]]:
     """goldfish_cross_entropy for logits split over the vocabulary across the ranks of `group`.
 
@@ -79,6 +90,8 @@ def vocab_parallel_goldfish_cross_entropy(
     labels: [B, T] (or [N]) int64, the same on every rank, in [0, V) or cfg.ignore_index.
     group: the tensor-parallel group (default: the one from initialize_model_parallel; without one, a
     single shard holding the whole vocabulary, with no communication).
+    check_labels_match: debug mode: one more all-reduce (of 2 integers) verifies that every rank holds the
+    same labels, and raises ValueError if not (different labels would silently mix unrelated rows).
     The other arguments and the result are those of goldfish_ds.goldfish_cross_entropy; the loss and its
     statistics are identical on every rank, and each rank's gradient is its own slice.
     """
@@ -90,6 +103,8 @@ def vocab_parallel_goldfish_cross_entropy(
     ignore_index = cfg.ignore_index if cfg is not None else -100
 
     flat_labels = labels.reshape(-1).contiguous()
+    if check_labels_match and group is not None:
+        _check_labels_match(flat_labels, group)
     valid = flat_labels.ne(ignore_index)
     bad = valid & ((flat_labels < 0) | (flat_labels >= shard * world))
     if bad.any():
