@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from conftest import DEVICES
 from distributed import run_distributed
 from goldfish_ds import GoldfishConfig, apply_goldfish, goldfish_cross_entropy
 from goldfish_ds.parallel import (initialize_model_parallel, destroy_model_parallel, tensor_parallel_group,
@@ -105,8 +106,10 @@ def test_vocab_parallel_rejects_labels_outside_the_vocabulary():
     run_distributed(body_bad_labels, 2)
 
 
-def test_single_process_without_groups_equals_the_fused_loss():
+@pytest.mark.parametrize("device", DEVICES)
+def test_single_process_without_groups_equals_the_fused_loss(device):
     logits, labels = batch(500, torch.float32)
+    logits, labels = logits.to(device), labels.to(device)
     a = logits.clone().requires_grad_()
     loss = vocab_parallel_goldfish_cross_entropy(a, labels, CFG)
     loss.backward()
@@ -139,3 +142,34 @@ def body_rank_dies(rank, world):
 
 def test_a_dead_rank_makes_the_others_fail_not_hang():
     run_distributed(body_rank_dies, 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("V", [1, 7, 1000, 4001])
+def test_vocab_parallel_kernels_against_torch(device, dtype, V):
+    """The two compiled passes on one shard, with targets in other shards (-1) and skipped rows."""
+    g = torch.Generator().manual_seed(V)
+    x = (torch.randn(64, V, generator=g) * 3).to(dtype)
+    local = torch.randint(-1, V, (64,), generator=g)
+    skip = torch.rand(64, generator=g) < 0.25
+    lse_global = torch.logsumexp(x.double(), -1) + torch.rand(64, generator=g, dtype=torch.float64)  # other shards
+    scale = torch.tensor([0.25])
+    ops = torch.ops.goldfish_ds
+    lse, target = ops.vocab_parallel_stats(x.to(device), local.to(device), skip.to(device))
+    rows = ~skip
+    ref_target = torch.where(local >= 0, x.double().gather(1, local.clamp(min=0)[:, None])[:, 0], 0.0)
+    assert torch.equal(lse.cpu()[skip], torch.zeros(int(skip.sum()))) and torch.equal(target.cpu()[skip], lse.cpu()[skip])
+    assert rel(lse.cpu()[rows], torch.logsumexp(x.double(), -1)[rows]) <= 1e-6
+    assert rel(target.cpu()[rows], ref_target[rows]) <= 1e-7 or not (local[rows] >= 0).any()
+    grad = ops.vocab_parallel_grad(x.to(device), local.to(device), skip.to(device), lse_global.float().to(device),
+                                   scale.to(device)).cpu()
+    ref = torch.exp(x.double() - lse_global[:, None])
+    ref[local >= 0, local[local >= 0]] -= 1.0
+    ref = ref * 0.25
+    ref[skip] = 0.0
+    tol = {"rtol": 1e-5, "atol": 1e-8} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-5}
+    torch.testing.assert_close(grad.double(), ref, **tol)
+    in_place = x.clone().to(device)
+    ops.vocab_parallel_grad_(in_place, local.to(device), skip.to(device), lse_global.float().to(device), scale.to(device))
+    assert torch.equal(in_place.cpu(), grad)
