@@ -3,7 +3,8 @@
 # benchmarks. Logs go to $OUT (if set) as well as the console.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export GOLDFISH_BUILD_CUDA=1 PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}"
+# build_ext --inplace builds next to the sources without installing: PYTHONPATH makes the package importable.
+export GOLDFISH_BUILD_CUDA=1 PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 log="${OUT:-/tmp}/gpu_checks.log"
 status=0

@@ -28,14 +28,15 @@
 
 #include <cstdint>
 
+#include "cuda_common.cuh"
 #include "cuda_kernels.h"
 
 namespace goldfish {
 namespace {
 
 namespace cg = cooperative_groups;
+using namespace cuda_common;
 
-constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
 // Packs per thread held in registers: 32 of the 64 registers a thread may have in a 1024-thread block,
@@ -44,37 +45,6 @@ constexpr float kLn2 = 0.6931471805599453f;
 __host__ __device__ constexpr int reg_packs(int pack_bytes) { return pack_bytes >= 4 ? 128 / pack_bytes : 32; }
 constexpr int kMaxThreads = 1024;
 constexpr int64_t kMaxRowLength = (int64_t{1} << 31) - (int64_t{1} << 16);
-
-// ---- element types ------------------------------------------------------------------------------------
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-
-template <int Bytes>
-struct RawWord;
-template <>
-struct RawWord<16> { using type = uint4; };
-template <>
-struct RawWord<4> { using type = unsigned int; };
-template <>
-struct RawWord<2> { using type = unsigned short; };
-
-// W consecutive elements moved as one machine word (one 16-byte access when W * sizeof(T) == 16).
-template <typename T, int W>
-union Pack {
-  typename RawWord<sizeof(T) * W>::type raw;
-  T v[W];
-};
 
 template <typename P>
 __device__ __forceinline__ P load_evict_first(const P* p) {
@@ -93,14 +63,6 @@ __device__ __forceinline__ P load_normal(const P* p) {
 template <typename P>
 __device__ __forceinline__ void store_evict_first(P* p, const P& value) {
   __stcs(&p->raw, value.raw);
-}
-
-template <typename T, int W>
-__device__ __forceinline__ Pack<T, W> filled(float x) {
-  Pack<T, W> p;
-#pragma unroll
-  for (int e = 0; e < W; ++e) p.v[e] = from_float<T>(x);
-  return p;
 }
 
 // Global -> shared copy of one pack, asynchronous where cp.async has the size (4 or 16 bytes).
@@ -126,38 +88,6 @@ __device__ __forceinline__ void prefetch_l2_evict_last(const P* begin, const P* 
   const uintptr_t first_line = reinterpret_cast<uintptr_t>(begin) & ~(kLine - 1);
   for (uintptr_t a = first_line + threadIdx.x * kLine; a < reinterpret_cast<uintptr_t>(end); a += blockDim.x * kLine)
     asm volatile("prefetch.global.L2::evict_last [%0];\n" ::"l"(a));
-}
-
-// ---- (max, sum of exp) pairs ----------------------------------------------------------------------------
-// A pair (m, s) stands for sum_j exp(x_j) = s * exp(m), with m the largest x_j seen (-inf: none yet, s == 0).
-// Exponentials are exp2((x - m) * log2(e)): x - m is exact for the elements near the max, which dominate
-// the sum, so their error does not grow with |m| (as fma(x, log2(e), -m * log2(e)) would through the
-// rounding of m * log2(e)), and the max element contributes exactly 1.
-
-// The value subtracted before exponentiating: the max, or 0 while it is -inf (every element seen is then
-// -inf, and -inf - 0 gives exp2(-inf) = 0 where -inf - (-inf) would give NaN).
-__device__ __forceinline__ float shift_of(float m) { return m == -CUDART_INF_F ? 0.f : m; }
-
-// 2^x by the hardware's ex2 (2 ulp, what __expf uses), without exp2f's rescaling for subnormal results:
-// those are more than 2^126 below the largest term of the row, far below what the fp32 sum or the gradient
-// can resolve, and flushing them to zero saves instructions and registers in the hot loops.
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-__device__ __forceinline__ float exp_shifted(float x, float shift) { return fast_exp2((x - shift) * kLog2e); }
-
-// s expressed relative to m_new >= m_old instead of m_old.
-__device__ __forceinline__ float rebase(float s, float m_old, float m_new) {
-  return m_old == -CUDART_INF_F ? 0.f : s * fast_exp2((m_old - m_new) * kLog2e);
-}
-
-__device__ __forceinline__ void combine(float& m, float& s, float m2, float s2) {
-  const float mx = fmaxf(m, m2);
-  s = rebase(s, m, mx) + rebase(s2, m2, mx);
-  m = mx;
 }
 
 template <typename T>

@@ -41,16 +41,33 @@ def _safe_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     return total / count.clamp(min=1).to(total.dtype)
 
 
+def gradient_scale(kept: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The factor [1] (float32, on kept's device) the kernels apply to the gradient: 1 / kept count for "mean"."""
+    if reduction == "mean":
+        return (1.0 / kept.sum().clamp(min=1).to(torch.float32)).reshape(1)
+    return torch.ones(1, dtype=torch.float32, device=kept.device)
+
+
+def reduce_loss(row_loss: torch.Tensor, kept: torch.Tensor, reduction: str, grad_scale: torch.Tensor) -> torch.Tensor:
+    """The loss over kept rows: per row ("none"), summed, or summed times grad_scale (the mean)."""
+    kept_loss = torch.where(kept, row_loss, 0.0)
+    if reduction == "none":
+        return kept_loss
+    return kept_loss.sum() * grad_scale[0] if reduction == "mean" else kept_loss.sum()
+
+
+def scale_saved_gradient(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    """Backward of the fused losses: the gradient stored by the forward pass, times the upstream gradient."""
+    ops.scale_rows_(grad, grad_loss.detach().to(torch.float32).reshape(-1).contiguous())
+    return grad
+
+
 class _FusedCrossEntropy(torch.autograd.Function):
     """Loss and gradient in one kernel call; backward only rescales the stored gradient."""
 
     @staticmethod
     def forward(ctx, logits, labels, dropped, kept, ignore_index, reduction, in_place, dropped_loss):
-        n_kept = kept.sum()
-        if reduction == "mean":
-            grad_scale = (1.0 / n_kept.clamp(min=1).to(torch.float32)).reshape(1)
-        else:
-            grad_scale = torch.ones(1, dtype=torch.float32, device=logits.device)
+        grad_scale = gradient_scale(kept, reduction)
         if ctx.needs_input_grad[0]:
             if in_place:
                 row_loss = ops.cross_entropy_loss_grad_(logits, labels, dropped, ignore_index, dropped_loss, grad_scale)
@@ -62,21 +79,12 @@ class _FusedCrossEntropy(torch.autograd.Function):
             ctx.save_for_backward(grad)
         else:
             row_loss = ops.cross_entropy_loss(logits, labels, dropped, ignore_index, dropped_loss)
-        kept_loss = torch.where(kept, row_loss, 0.0)
-        if reduction == "none":
-            loss = kept_loss
-        else:
-            loss = kept_loss.sum()
-            if reduction == "mean":
-                loss = loss * grad_scale[0]
         ctx.mark_non_differentiable(row_loss)
-        return loss, row_loss
+        return reduce_loss(row_loss, kept, reduction, grad_scale), row_loss
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_row_loss):
-        (grad,) = ctx.saved_tensors
-        ops.scale_rows_(grad, grad_loss.detach().to(torch.float32).reshape(-1).contiguous())
-        return grad, None, None, None, None, None, None, None
+        return scale_saved_gradient(ctx.saved_tensors[0], grad_loss), None, None, None, None, None, None, None
 
 
 def check_loss_inputs(logits: torch.Tensor, labels: torch.Tensor, reduction: str, caller: str) -> None:

@@ -15,7 +15,8 @@ import torch.distributed as dist
 
 from goldfish_ds.config import GoldfishConfig
 from goldfish_ds.kernels import check_device_supported, ops
-from goldfish_ds.loss import GoldfishStats, check_loss_inputs, stats_from_row_losses
+from goldfish_ds.loss import (GoldfishStats, check_loss_inputs, gradient_scale, reduce_loss, scale_saved_gradient,
+                              stats_from_row_losses)
 from goldfish_ds.mask import goldfish_mask
 from goldfish_ds.parallel.state import default_tensor_parallel_group, group_rank_and_size
 
@@ -36,11 +37,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         lse = global_max + torch.log(sums[0])
         row_loss = lse - sums[1]
 
-        n_kept = kept.sum()
-        if reduction == "mean":
-            grad_scale = (1.0 / n_kept.clamp(min=1).to(torch.float32)).reshape(1)
-        else:
-            grad_scale = torch.ones(1, dtype=torch.float32, device=logits.device)
+        grad_scale = gradient_scale(kept, reduction)
         if ctx.needs_input_grad[0]:
             if in_place:
                 ops.vocab_parallel_grad_(logits, local_labels, ~kept, lse, grad_scale)
@@ -49,16 +46,12 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             else:
                 grad = ops.vocab_parallel_grad(logits, local_labels, ~kept, lse, grad_scale)
             ctx.save_for_backward(grad)
-        kept_loss = torch.where(kept, row_loss, 0.0)
-        loss = kept_loss if reduction == "none" else kept_loss.sum() * (grad_scale[0] if reduction == "mean" else 1)
         ctx.mark_non_differentiable(row_loss)
-        return loss, row_loss
+        return reduce_loss(row_loss, kept, reduction, grad_scale), row_loss
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_row_loss):
-        (grad,) = ctx.saved_tensors
-        ops.scale_rows_(grad, grad_loss.detach().to(torch.float32).reshape(-1).contiguous())
-        return grad, None, None, None, None, None, None
+        return scale_saved_gradient(ctx.saved_tensors[0], grad_loss), None, None, None, None, None, None
 
 
 def _check_labels_match(labels: torch.Tensor, group: dist.ProcessGroup) -> None:

@@ -1,0 +1,87 @@
+// Device helpers shared by the CUDA cross-entropy kernels (cross_entropy_cuda.cu, vocab_parallel_cuda.cu):
+// element conversions, 16-byte packs, the hardware exponential and (max, sum of exp) pairs. CUDA headers only.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <math_constants.h>
+
+#include <cstdint>
+
+namespace goldfish {
+namespace cuda_common {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// ---- element types ------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+
+template <int Bytes>
+struct RawWord;
+template <>
+struct RawWord<16> { using type = uint4; };
+template <>
+struct RawWord<4> { using type = unsigned int; };
+template <>
+struct RawWord<2> { using type = unsigned short; };
+
+// W consecutive elements moved as one machine word (one 16-byte access when W * sizeof(T) == 16).
+template <typename T, int W>
+union Pack {
+  typename RawWord<sizeof(T) * W>::type raw;
+  T v[W];
+};
+
+template <typename T, int W>
+__device__ __forceinline__ Pack<T, W> filled(float x) {
+  Pack<T, W> p;
+#pragma unroll
+  for (int e = 0; e < W; ++e) p.v[e] = from_float<T>(x);
+  return p;
+}
+
+// ---- exponentials and (max, sum of exp) pairs -----------------------------------------------------------
+// A pair (m, s) stands for sum_j exp(x_j) = s * exp(m), with m the largest x_j seen (-inf: none yet, s == 0).
+// Exponentials are exp2((x - m) * log2(e)): x - m is exact for the elements near the max, which dominate
+// the sum, so their error does not grow with |m|, and the max element contributes exactly 1.
+
+// 2^x by the hardware's ex2 (2 ulp, what __expf uses), without exp2f's rescaling for subnormal results:
+// those are more than 2^126 below the largest term of the row, far below what the fp32 sum or the gradient
+// can resolve, and flushing them to zero saves instructions and registers in the hot loops.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ float exp_shifted(float x, float shift) { return fast_exp2((x - shift) * kLog2e); }
+
+// The value subtracted before exponentiating: the max, or 0 while it is -inf (every element seen is then
+// -inf, and -inf - 0 gives exp2(-inf) = 0 where -inf - (-inf) would give NaN).
+__device__ __forceinline__ float shift_of(float m) { return m == -CUDART_INF_F ? 0.f : m; }
+
+// s expressed relative to m_new >= m_old instead of m_old.
+__device__ __forceinline__ float rebase(float s, float m_old, float m_new) {
+  return m_old == -CUDART_INF_F ? 0.f : s * fast_exp2((m_old - m_new) * kLog2e);
+}
+
+__device__ __forceinline__ void combine(float& m, float& s, float m2, float s2) {
+  const float mx = fmaxf(m, m2);
+  s = rebase(s, m, mx) + rebase(s2, m2, mx);
+  m = mx;
+}
+
+}  // namespace cuda_common
+}  // namespace goldfish
