@@ -138,28 +138,6 @@ struct ReduceScratch {
   float grad_scale;
 };
 
-// Combines the block's pairs; every thread gets the row's pair. Must be reached by all threads.
-__device__ __forceinline__ float2 block_reduce(float m, float s, ReduceScratch& scratch) {
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1)
-    combine(m, s, __shfl_xor_sync(0xFFFFFFFFu, m, offset), __shfl_xor_sync(0xFFFFFFFFu, s, offset));
-  if (lane == 0) scratch.warp[warp] = make_float2(m, s);
-  __syncthreads();
-  if (warp == 0) {
-    const float2 part = lane < static_cast<int>(blockDim.x >> 5) ? scratch.warp[lane] : make_float2(-CUDART_INF_F, 0.f);
-    m = part.x;
-    s = part.y;
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1)
-      combine(m, s, __shfl_xor_sync(0xFFFFFFFFu, m, offset), __shfl_xor_sync(0xFFFFFFFFu, s, offset));
-    if (lane == 0) scratch.row = make_float2(m, s);
-  }
-  __syncthreads();
-  return scratch.row;
-}
-
 // ---- cross-entropy ------------------------------------------------------------------------------------
 
 template <typename T, int W>
@@ -266,7 +244,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       scratch.x_label = label_pos >= 0 ? to_float(reinterpret_cast<const T*>(in)[label_pos]) : CUDART_NAN_F;
     scratch.grad_scale = grad != nullptr ? *grad_scale : 0.f;
   }
-  float2 stats = block_reduce(m, s, scratch);
+  float2 stats = block_reduce_pairs(m, s, scratch.warp, scratch.row);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   if (slices > 1) {
     // Every block combines the slices' pairs in the same order, so all get the same bits.

@@ -83,5 +83,28 @@ __device__ __forceinline__ void combine(float& m, float& s, float m2, float s2) 
   m = mx;
 }
 
+// Combines the block's pairs; every thread gets the block's pair. Must be reached by all threads of the
+// block. warp_pairs (one slot per warp) and block_pair live in shared memory.
+__device__ __forceinline__ float2 block_reduce_pairs(float m, float s, float2* warp_pairs, float2& block_pair) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1)
+    combine(m, s, __shfl_xor_sync(0xFFFFFFFFu, m, offset), __shfl_xor_sync(0xFFFFFFFFu, s, offset));
+  if (lane == 0) warp_pairs[warp] = make_float2(m, s);
+  __syncthreads();
+  if (warp == 0) {
+    const float2 part = lane < static_cast<int>(blockDim.x >> 5) ? warp_pairs[lane] : make_float2(-CUDART_INF_F, 0.f);
+    m = part.x;
+    s = part.y;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1)
+      combine(m, s, __shfl_xor_sync(0xFFFFFFFFu, m, offset), __shfl_xor_sync(0xFFFFFFFFu, s, offset));
+    if (lane == 0) block_pair = make_float2(m, s);
+  }
+  __syncthreads();
+  return block_pair;
+}
+
 }  // namespace cuda_common
 }  // namespace goldfish

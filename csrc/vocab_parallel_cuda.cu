@@ -31,28 +31,6 @@ struct ReduceScratch {
   float2 row;
 };
 
-// Combines the block's pairs; every thread gets the row's pair. Must be reached by all threads.
-__device__ __forceinline__ float2 block_reduce(float m, float s, ReduceScratch& scratch) {
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1)
-    combine(m, s, __shfl_xor_sync(0xFFFFFFFFu, m, offset), __shfl_xor_sync(0xFFFFFFFFu, s, offset));
-  if (lane == 0) scratch.warp[warp] = make_float2(m, s);
-  __syncthreads();
-  if (warp == 0) {
-    const float2 part = lane < static_cast<int>(blockDim.x >> 5) ? scratch.warp[lane] : make_float2(-CUDART_INF_F, 0.f);
-    m = part.x;
-    s = part.y;
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1)
-      combine(m, s, __shfl_xor_sync(0xFFFFFFFFu, m, offset), __shfl_xor_sync(0xFFFFFFFFu, s, offset));
-    if (lane == 0) scratch.row = make_float2(m, s);
-  }
-  __syncthreads();
-  return scratch.row;
-}
-
 // ---- statistics -----------------------------------------------------------------------------------------
 
 // Packs each thread loads before folding them: enough loads in flight to cover the memory latency.
@@ -98,7 +76,7 @@ __global__ void __launch_bounds__(kStatsThreads)
 #pragma unroll
         for (int e = 0; e < W; ++e) s += exp_shifted(to_float(p[r].v[e]), shift);
     }
-    const float2 stats = block_reduce(m, s, scratch);
+    const float2 stats = block_reduce_pairs(m, s, scratch.warp, scratch.row);
     if (threadIdx.x == 0) {
       // m + log(s): -inf for a row of -inf (s == 0), NaN where the row holds a NaN.
       lse[row] = stats.x + logf(stats.y);
