@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import goldfish_ds
 
 REPO = Path(__file__).resolve().parents[1]
 WIKI = REPO.parent / "shared" / "data" / "wiki_dev.jsonl"
