@@ -7,7 +7,7 @@ into their buffer), it times forward + backward of
   copy      an in-place copy of the same buffer (the floor: one read and one write)
 and the extra peak memory of each loss beyond the logits (CPU: peak RSS of a fresh process;
 CUDA: torch.cuda.max_memory_allocated). Usage:
-  python benchmarks/bench_loss.py [--device cpu|cuda] [--repeats 5] [--shapes 4096x32000 ...]
+  python benchmarks/bench_loss.py [--device cpu|cuda] [--repeats 5] [--cases 4096x32000:fp32 ...]
 """
 from __future__ import annotations
 
