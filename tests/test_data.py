@@ -83,3 +83,29 @@ def test_trained_sentencepiece_tokenizer_round_trips_real_text(tmp_path):
 def test_bad_tokenizer_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="expected a sentencepiece .model file"):
         load_tokenizer(str(tmp_path))
+
+
+def test_scripts_train_a_tokenizer_and_pack_a_corpus(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    corpus = tmp_path / "corpus.jsonl"
+    texts = wiki_texts()[:30]
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    subprocess.run([sys.executable, str(scripts / "train_tokenizer.py"), "--input", str(corpus), "--out",
+                    str(tmp_path / "sp"), "--vocab_size", "1000"], check=True, capture_output=True)
+    out = subprocess.run([sys.executable, str(scripts / "prepare_data.py"), "--input", str(corpus), "--tokenizer",
+                          str(tmp_path / "sp.model"), "--out", str(tmp_path / "data")], check=True,
+                         capture_output=True, text=True)
+    assert "wrote 30 documents" in out.stdout
+    tok = load_tokenizer(str(tmp_path / "sp.model"))
+    data = PackedTokenDataset(str(tmp_path / "data"), seq_len=128, verify=True)
+    assert data[0][:1].tolist() == [tok.bos_id]
+    assert data[0][1:21].tolist() == tok.encode(texts[0])[:20]
+    bad = subprocess.run([sys.executable, str(scripts / "prepare_data.py"), "--input", str(tmp_path / "x.csv"),
+                          "--tokenizer", str(tmp_path / "sp.model"), "--out", str(tmp_path / "d2")],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "does not exist" in bad.stderr
