@@ -2,6 +2,7 @@
 // The CUDA implementations are registered by bindings_cuda.cpp when the extension is built with CUDA.
 #include <torch/extension.h>
 #include <torch/library.h>
+#include <ATen/Parallel.h>
 
 #include "cpu_kernels.h"
 #include "op_checks.h"
@@ -18,6 +19,20 @@ at::Tensor goldfish_mask_cpu(const at::Tensor& labels, int64_t strategy, int64_t
   at::Tensor dropped = at::empty(labels.sizes(), labels.options().dtype(at::kBool));
   mask_cpu(p, labels.data_ptr<int64_t>(), dropped.data_ptr<bool>(), labels.size(0), labels.size(1));
   return dropped;
+}
+
+// labels with the dropped positions set to ignore_index (torch's masked_fill costs ~4 ns per element here).
+at::Tensor apply_mask_cpu(const at::Tensor& labels, const at::Tensor& dropped, int64_t ignore_index) {
+  check_apply_mask_args(labels, dropped);
+  const at::Tensor y = labels.contiguous(), d = dropped.contiguous();
+  at::Tensor out = at::empty_like(y);
+  const int64_t* src = y.data_ptr<int64_t>();
+  const uint8_t* mask = reinterpret_cast<const uint8_t*>(d.data_ptr<bool>());
+  int64_t* dst = out.data_ptr<int64_t>();
+  at::parallel_for(0, y.numel(), 1 << 16, [src, mask, dst, ignore_index](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) dst[i] = mask[i] ? ignore_index : src[i];
+  });
+  return out;
 }
 
 // Runs the CPU cross-entropy kernel; grad may be undefined (forward only) or alias logits (in place).
@@ -133,6 +148,7 @@ TORCH_LIBRARY(goldfish_ds, m) {
       "cross_entropy_loss_grad_(Tensor(a!) logits, Tensor labels, Tensor? dropped, int ignore_index, "
       "bool dropped_loss, Tensor grad_scale) -> Tensor");
   m.def("scale_rows_(Tensor(a!) grad, Tensor scale) -> ()");
+  m.def("apply_mask(Tensor labels, Tensor dropped, int ignore_index) -> Tensor");
   m.def("vocab_parallel_stats(Tensor logits, Tensor local_labels, Tensor? skip) -> (Tensor, Tensor)");
   m.def("vocab_parallel_grad(Tensor logits, Tensor local_labels, Tensor? skip, Tensor lse, Tensor grad_scale) -> Tensor");
   m.def(
@@ -146,6 +162,7 @@ TORCH_LIBRARY_IMPL(goldfish_ds, CPU, m) {
   m.impl("cross_entropy_loss_grad", &cross_entropy_loss_grad_cpu);
   m.impl("cross_entropy_loss_grad_", &cross_entropy_loss_grad_inplace_cpu);
   m.impl("scale_rows_", &scale_rows_inplace_cpu);
+  m.impl("apply_mask", &apply_mask_cpu);
   m.impl("vocab_parallel_stats", &vocab_parallel_stats_cpu_op);
   m.impl("vocab_parallel_grad", &vocab_parallel_grad_cpu_op);
   m.impl("vocab_parallel_grad_", &vocab_parallel_grad_inplace_cpu_op);

@@ -81,3 +81,8 @@ def _(logits, local_labels, skip, lse, grad_scale):
 @torch.library.register_fake("goldfish_ds::vocab_parallel_grad_")
 def _(logits, local_labels, skip, lse, grad_scale):
     return None
+
+
+@torch.library.register_fake("goldfish_ds::apply_mask")
+def _(labels, dropped, ignore_index):
+    return torch.empty_like(labels)

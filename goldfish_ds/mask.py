@@ -50,4 +50,4 @@ def apply_goldfish(labels: torch.Tensor, cfg: GoldfishConfig, step: int = 0) -> 
     Use it to feed any loss that honours ignore_index (HF models, torch's cross_entropy);
     goldfish_cross_entropy does the same inside its fused kernel.
     """
-    return labels.masked_fill(goldfish_mask(labels, cfg, step), cfg.ignore_index)
+    return ops.apply_mask(labels, goldfish_mask(labels, cfg, step), cfg.ignore_index)
