@@ -220,6 +220,8 @@ def test_compiled_op_checks_its_arguments():
         op(labels, 0, 4, 13, 0, -100, False, torch.zeros(10, dtype=torch.int64), None, 0, 0)
     with pytest.raises(RuntimeError, match="labels must be int64"):
         op(labels.float(), 1, 4, 13, 0, -100, False, None, None, 0, 0)
+    with pytest.raises(RuntimeError, match="dropped must be a bool tensor of the labels' shape"):
+        torch.ops.goldfish_ds.apply_mask(labels, torch.zeros(2, 4, dtype=torch.bool), -100)
 
 
 def test_opcheck_mask():
