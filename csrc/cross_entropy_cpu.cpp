@@ -21,7 +21,7 @@ namespace goldfish {
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kBlock = 2048;  // floats per block: 8 KiB, resident in L1 between its two uses
+constexpr int64_t kBlock = 512;  // floats per block: 2 KiB, resident in L1 between its two uses
 
 constexpr int64_t kPrefetchBytes = 16384;  // how far ahead of the current block memory is requested
 constexpr float kMaxExponent = 64.f;      // exp(64) * V stays far below float32's range
