@@ -1,8 +1,8 @@
 // Cross-entropy kernels on the CPU: the fused masked loss + gradient, and the two passes of the
-// vocab-parallel loss. Fused masked cross-entropy: Each kept row is read from memory once, in blocks that fit in
-// L1: a block's max and exponentials are computed while it is in L1 (online softmax, rescaling the
-// running sum when the max grows), the exponentials land in a per-thread float32 scratch row that stays
-// in L2, and a last pass scales them into the gradient, written in the logits' dtype.
+// vocab-parallel loss. In the fused loss each kept row is read from memory once, in small blocks: a block's
+// max and exponentials are computed in the same pass (against a running reference, redone only when the
+// max jumps), the exponentials land in a per-thread float32 scratch row that stays in L2, and a last pass
+// scales them into the gradient, written in the logits' dtype.
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -21,7 +21,7 @@ namespace goldfish {
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kBlock = 512;  // floats per block: 2 KiB, resident in L1 between its two uses
+constexpr int64_t kBlock = 512;  // elements per block (measured faster than 1024 to 2048 for bf16 and long rows)
 
 constexpr int64_t kPrefetchBytes = 16384;  // how far ahead of the current block memory is requested
 constexpr float kMaxExponent = 64.f;      // exp(64) * V stays far below float32's range
