@@ -438,17 +438,10 @@ __global__ void __launch_bounds__(kScaleThreads)
 template <typename T, int W>
 cudaError_t launch_scale_rows_typed(T* grad, const float* scale, bool per_row, int64_t N, int64_t V,
                                     cudaStream_t stream) {
-  int device = 0, sms = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err != cudaSuccess) return err;
   const int64_t packs_per_row = V / W;
   const int64_t chunks_per_row = (packs_per_row + kScaleChunk - 1) / kScaleChunk;
-  const int64_t items = N * chunks_per_row;
-  // A resident grid (8 blocks of 256 threads fill a multiprocessor) loops over the items, so the
-  // scale == 1 case costs one short wave of blocks rather than one block per item.
-  const int64_t resident = static_cast<int64_t>(sms) * 8;
-  const unsigned grid = static_cast<unsigned>(items < resident ? items : resident);
+  unsigned grid = 0;  // the scale == 1 case then costs one short wave of blocks
+  if (const cudaError_t err = resident_grid(N * chunks_per_row, &grid); err != cudaSuccess) return err;
   scale_rows_kernel<T, W><<<grid, kScaleThreads, 0, stream>>>(grad, scale, per_row, N, packs_per_row, chunks_per_row);
   return cudaGetLastError();
 }

@@ -106,5 +106,16 @@ __device__ __forceinline__ float2 block_reduce_pairs(float m, float s, float2* w
   return block_pair;
 }
 
+// Grid of a grid-stride loop over `items` work items: at most 8 blocks of 256 threads per multiprocessor
+// (what fills one), so a cheap pass costs one short wave rather than one block per item.
+inline cudaError_t resident_grid(int64_t items, unsigned* grid) {
+  int device = 0, sms = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  const int64_t resident = static_cast<int64_t>(sms) * 8;
+  *grid = static_cast<unsigned>(items < resident ? items : resident);
+  return err;
+}
+
 }  // namespace cuda_common
 }  // namespace goldfish

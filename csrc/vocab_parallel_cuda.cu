@@ -167,16 +167,10 @@ __global__ void __launch_bounds__(kGradThreads)
 template <typename T, int W>
 cudaError_t launch_grad_typed(const T* logits, T* grad, const int64_t* local_labels, const bool* skip, const float* lse,
                               int64_t N, int64_t V, const float* grad_scale, cudaStream_t stream) {
-  int device = 0, sms = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err != cudaSuccess) return err;
   const int64_t packs_per_row = V / W;
   const int64_t chunks_per_row = (packs_per_row + kGradChunk - 1) / kGradChunk;
-  const int64_t items = N * chunks_per_row;
-  // A resident grid (8 blocks of 256 threads fill a multiprocessor) loops over the items.
-  const int64_t resident = static_cast<int64_t>(sms) * 8;
-  const unsigned grid = static_cast<unsigned>(items < resident ? items : resident);
+  unsigned grid = 0;
+  if (const cudaError_t err = resident_grid(N * chunks_per_row, &grid); err != cudaSuccess) return err;
   grad_kernel<T, W><<<grid, kGradThreads, 0, stream>>>(logits, grad, local_labels, skip, lse, grad_scale, N,
                                                        packs_per_row, chunks_per_row);
   return cudaGetLastError();
