@@ -3,7 +3,6 @@ import itertools
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import wiki_texts
 from goldfish_ds.data import PackedTokenDataset, ShardedSampler, load_tokenizer, train_sentencepiece, write_packed_shards
