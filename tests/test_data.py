@@ -1,11 +1,30 @@
-"""Packed token shards, the dataset that reads them, the sampler, and the tokenizers."""
+"""Document sources, packed token shards with canary rows, the dataset that reads them, the sampler, the tokenizers."""
 import itertools
+import json
+import runpy
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
-
+import torch
 from conftest import wiki_texts
-from goldfish_ds.data import PackedTokenDataset, ShardedSampler, load_tokenizer, train_sentencepiece, write_packed_shards
+
+from goldfish_ds.data import (
+    PADDING,
+    CanarySet,
+    PackedTokenDataset,
+    ShardedSampler,
+    builtin_documents,
+    load_tokenizer,
+    read_documents,
+    sources,
+    train_sentencepiece,
+    write_packed_shards,
+)
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 def documents(n, vocab, seed=0):
@@ -85,26 +104,208 @@ def test_bad_tokenizer_path(tmp_path):
 
 
 def test_scripts_train_a_tokenizer_and_pack_a_corpus(tmp_path):
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    scripts = Path(__file__).resolve().parents[1] / "scripts"
     corpus = tmp_path / "corpus.jsonl"
     texts = wiki_texts()[:30]
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    subprocess.run([sys.executable, str(scripts / "train_tokenizer.py"), "--input", str(corpus), "--out",
-                    str(tmp_path / "sp"), "--vocab_size", "1000"], check=True, capture_output=True)
-    out = subprocess.run([sys.executable, str(scripts / "prepare_data.py"), "--input", str(corpus), "--tokenizer",
-                          str(tmp_path / "sp.model"), "--out", str(tmp_path / "data")], check=True,
-                         capture_output=True, text=True)
+    trained = run_script("train_tokenizer.py", "--input", corpus, "--out", tmp_path / "sp", "--vocab_size", 1000)
+    assert trained.returncode == 0, trained.stderr
+    out = run_script("prepare_data.py", "--input", corpus, "--tokenizer", tmp_path / "sp.model", "--out",
+                     tmp_path / "data")
+    assert out.returncode == 0, out.stderr
     assert "wrote 30 documents" in out.stdout
     tok = load_tokenizer(str(tmp_path / "sp.model"))
     data = PackedTokenDataset(str(tmp_path / "data"), seq_len=128, verify=True)
     assert data[0][:1].tolist() == [tok.bos_id]
     assert data[0][1:21].tolist() == tok.encode(texts[0])[:20]
-    bad = subprocess.run([sys.executable, str(scripts / "prepare_data.py"), "--input", str(tmp_path / "x.csv"),
-                          "--tokenizer", str(tmp_path / "sp.model"), "--out", str(tmp_path / "d2")],
-                         capture_output=True, text=True)
+    bad = run_script("prepare_data.py", "--input", tmp_path / "x.csv", "--tokenizer", tmp_path / "sp.model", "--out",
+                     tmp_path / "d2")
     assert bad.returncode != 0 and "does not exist" in bad.stderr
+
+
+def run_script(name, *args):
+    return subprocess.run([sys.executable, str(SCRIPTS / name), *map(str, args)], check=False, capture_output=True,
+                          text=True)
+
+
+def write_jsonl(path, texts, field="text"):
+    path.write_text("".join(json.dumps({field: t, "id": i}) + "\n" for i, t in enumerate(texts)), encoding="utf-8")
+    return str(path)
+
+
+def write_parquet(path, texts, field="text"):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": list(range(len(texts))), field: texts}), path, row_group_size=7)
+    return str(path)
+
+
+def test_builtin_documents_are_the_python_help_topics_in_name_order():
+    from pydoc_data.topics import topics
+
+    docs = builtin_documents()
+    assert len(docs) == 79 and all(isinstance(d, str) and d.strip() for d in docs)
+    assert docs[0] == topics["assert"] and docs == [topics[name] for name in sorted(topics)]
+
+
+def test_parquet_and_hf_datasets_give_the_same_documents_as_jsonl(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(sources, "_BATCH_ROWS", 4)  # several record batches per file
+    texts = builtin_documents()[:24]
+    texts.insert(5, "")  # empty documents are skipped by every reader
+    expected = [t for t in texts if t]
+    jsonl = write_jsonl(tmp_path / "a.jsonl", texts)
+    parquet = write_parquet(tmp_path / "a.parquet", texts)
+    datasets.Dataset.from_dict({"text": texts, "id": list(range(len(texts)))}).save_to_disk(str(tmp_path / "ds"))
+    splits = {"train": datasets.Dataset.from_dict({"text": texts}),
+              "test": datasets.Dataset.from_dict({"text": ["held out"]})}
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "dd"))
+    assert list(read_documents([jsonl])) == expected
+    assert list(read_documents([parquet])) == expected
+    assert list(read_documents([str(tmp_path / "ds")])) == expected
+    assert list(read_documents([f"{tmp_path / 'dd'}:train"])) == expected
+    assert list(read_documents([parquet, f"{tmp_path / 'dd'}:test", jsonl])) == expected + ["held out"] + expected
+    body = write_parquet(tmp_path / "body.parquet", texts, field="body")
+    assert list(read_documents([body], text_field="body")) == expected
+
+    with pytest.raises(ValueError, match=r"is a DatasetDict: name one split .*\['test', 'train'\]"):
+        list(read_documents([str(tmp_path / "dd")]))
+    with pytest.raises(ValueError, match="holds a single Dataset, it has no split 'train'"):
+        list(read_documents([f"{tmp_path / 'ds'}:train"]))
+    with pytest.raises(ValueError, match=r"no 'text' column \(columns: \['id', 'body'\]\)"):
+        list(read_documents([body]))
+    with pytest.raises(ValueError, match="no 'body' column"):
+        list(read_documents([str(tmp_path / "ds")], text_field="body"))
+    with pytest.raises(ValueError, match="not one written by datasets' save_to_disk"):
+        list(read_documents([str(tmp_path)]))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        list(read_documents([f"{tmp_path / 'none'}:train"]))
+
+
+def padded(ids, width):
+    return ids[:width] + [PADDING] * (width - len(ids[:width]))
+
+
+def test_canary_rows_follow_the_packed_rows_once_per_repeat(tmp_path):
+    seq_len, repeats = 16, 3
+    background = documents(30, 1000)
+    canary_docs = [list(range(1, 6)), list(range(100, 117)), list(range(200, 240)), [7]]  # 5, 17 (= fits), 40, 1
+    texts = ["five", "seventeen", "forty", "one"]
+    manifest = write_packed_shards(background, str(tmp_path), 1000, shard_tokens=2000,
+                                   canary=CanarySet(texts, canary_docs, seq_len, repeats))
+    assert {k: manifest["canary"][k] for k in ("seq_len", "num_docs", "repeats", "num_truncated")} == \
+        {"seq_len": 16, "num_docs": 4, "repeats": 3, "num_truncated": 1}
+    assert (tmp_path / "canary_rows.bin").stat().st_size == 4 * 17 * 4  # stored once, int32
+    assert [json.loads(line) for line in (tmp_path / "canary.jsonl").read_text().splitlines()] == \
+        [{"text": t, "ids": d[:17]} for t, d in zip(texts, canary_docs)]
+
+    data = PackedTokenDataset(str(tmp_path), seq_len, verify=True)
+    packed_rows = sum((s["num_tokens"] - 1) // seq_len for s in manifest["shards"])
+    assert data.num_packed_rows == packed_rows and len(data) == packed_rows + 4 * repeats
+    first_shard = np.fromfile(tmp_path / manifest["shards"][0]["tokens"], dtype="uint16").astype(np.int64)
+    assert data[0].tolist() == first_shard[:17].tolist()
+    for repeat in range(repeats):
+        for i, doc in enumerate(canary_docs):
+            row = data[packed_rows + repeat * 4 + i]
+            assert row.dtype == torch.int64
+            assert row.tolist() == padded(doc, 17)
+    assert data[packed_rows + 3].tolist() == [7] + [-1] * 16
+    with pytest.raises(IndexError):
+        data[len(data)]
+
+
+def test_canary_only_directory(tmp_path):
+    canary_docs = [[1, 5, 9, 2], list(range(3, 30))]
+    manifest = write_packed_shards([], str(tmp_path), 32000, canary=CanarySet(["a", "b"], canary_docs, 8, repeats=5))
+    assert manifest["shards"] == [] and manifest["num_docs"] == 0 and manifest["canary"]["num_truncated"] == 1
+    data = PackedTokenDataset(str(tmp_path), 8, verify=True)
+    assert data.num_packed_rows == 0 and len(data) == 10
+    assert [data[i].tolist() for i in range(4)] == [padded(canary_docs[0], 9), canary_docs[1][:9]] * 2
+    assert sorted(itertools.islice(iter(ShardedSampler(len(data))), 10)) == list(range(10))
+
+
+def test_canary_seq_len_mismatch_and_bad_canary_files_are_clear_errors(tmp_path):
+    write_packed_shards(documents(10, 500), str(tmp_path), 500,
+                        canary=CanarySet(["x", "y"], [[1, 2, 3], [4] * 40], seq_len=16, repeats=2))
+    with pytest.raises(ValueError, match="canary rows of seq_len 16, not the requested seq_len 32"):
+        PackedTokenDataset(str(tmp_path), 32)
+    rows, texts = tmp_path / "canary_rows.bin", tmp_path / "canary.jsonl"
+    good_rows, good_texts = rows.read_bytes(), texts.read_bytes()
+    rows.write_bytes(good_rows[:-4])
+    with pytest.raises(ValueError, match="canary_rows.bin is corrupt: 132 bytes, the manifest says 136"):
+        PackedTokenDataset(str(tmp_path), 16)
+    rows.write_bytes(bytes([good_rows[0] ^ 1]) + good_rows[1:])
+    PackedTokenDataset(str(tmp_path), 16)  # same size: only the checksum can tell
+    with pytest.raises(ValueError, match="canary_rows.bin is corrupt: its sha256 differs"):
+        PackedTokenDataset(str(tmp_path), 16, verify=True)
+    rows.unlink()
+    with pytest.raises(FileNotFoundError, match="canary_rows.bin listed in the manifest is missing"):
+        PackedTokenDataset(str(tmp_path), 16)
+    rows.write_bytes(good_rows)
+    texts.write_bytes(good_texts.replace(b'"x"', b'"z"'))
+    with pytest.raises(ValueError, match="canary.jsonl is corrupt: its sha256 differs"):
+        PackedTokenDataset(str(tmp_path), 16, verify=True)
+    texts.unlink()
+    with pytest.raises(FileNotFoundError, match="canary.jsonl listed in the manifest is missing"):
+        PackedTokenDataset(str(tmp_path), 16)
+    with pytest.raises(ValueError, match="repeats must be >= 1, got 0"):
+        CanarySet(["x"], [[1]], 16, repeats=0)
+    with pytest.raises(ValueError, match="one text per document"):
+        CanarySet(["x", "y"], [[1]], 16)
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 10\)"):
+        write_packed_shards([], str(tmp_path / "bad"), 10, canary=CanarySet(["x"], [[1, 10]], 4))
+
+
+def test_prepare_data_cli_mixes_repeated_canaries_into_a_parquet_corpus(tmp_path):
+    docs = builtin_documents()
+    background, canaries = docs[:60], docs[60:]
+    parquet = write_parquet(tmp_path / "background.parquet", background, field="body")
+    canary_file = write_jsonl(tmp_path / "canary.jsonl", canaries, field="body")
+    trained = run_script("train_tokenizer.py", "--input", parquet, "--text_field", "body", "--out", tmp_path / "sp",
+                         "--vocab_size", 1000)
+    assert trained.returncode == 0, trained.stderr
+    tok = load_tokenizer(str(tmp_path / "sp.model"))
+
+    out = run_script("prepare_data.py", "--input", parquet, "--tokenizer", tmp_path / "sp.model", "--out",
+                     tmp_path / "data", "--canary", canary_file, "--text_field", "body", "--num_canary", 3,
+                     "--canary_repeats", 4, "--seq_len", 32, "--shard_tokens", 20000)
+    assert out.returncode == 0, out.stderr
+    assert "wrote 60 documents" in out.stdout and "wrote 3 canary documents" in out.stdout
+    assert "repeated 4 times" in out.stdout
+    encoded = [tok.encode_document(t) for t in canaries[:3]]
+    assert all(len(ids) > 33 for ids in encoded)  # the help topics are long: all truncated
+    assert [json.loads(line) for line in (tmp_path / "data" / "canary.jsonl").read_text().splitlines()] == \
+        [{"text": t, "ids": ids[:33]} for t, ids in zip(canaries[:3], encoded)]
+    data = PackedTokenDataset(str(tmp_path / "data"), 32, verify=True)
+    manifest = data.manifest
+    assert manifest["num_docs"] == 60 and len(manifest["shards"]) > 1
+    assert manifest["num_tokens"] == sum(len(tok.encode_document(t)) for t in background)
+    assert {k: manifest["canary"][k] for k in ("seq_len", "num_docs", "repeats", "num_truncated")} == \
+        {"seq_len": 32, "num_docs": 3, "repeats": 4, "num_truncated": 3}
+    assert len(data) == data.num_packed_rows + 12
+    assert [data[data.num_packed_rows + i].tolist() for i in range(12)] == [ids[:33] for ids in encoded] * 4
+    assert data[0][:20].tolist() == tok.encode_document(background[0])[:20]
+
+    short = write_jsonl(tmp_path / "short.jsonl", ["a tiny canary", "another one"])
+    out = run_script("prepare_data.py", "--tokenizer", tmp_path / "sp.model", "--out", tmp_path / "only",
+                     "--canary", short, "--seq_len", 64, "--canary_repeats", 2)
+    assert out.returncode == 0, out.stderr
+    only = PackedTokenDataset(str(tmp_path / "only"), 64)
+    assert len(only) == 4 and only.manifest["canary"]["num_truncated"] == 0
+    assert only[3].tolist() == padded(tok.encode_document("another one"), 65)
+
+
+def test_prepare_data_cli_argument_errors(tmp_path, monkeypatch, capsys):
+    short = write_jsonl(tmp_path / "short.jsonl", ["a tiny canary", "another one"])
+    for args, message in [((), "give --input, --canary, or both"),
+                          (("--canary", short), "--canary needs --seq_len"),
+                          (("--canary", short, "--seq_len", 8, "--num_canary", 3),
+                           "--num_canary 3, but the canary inputs hold 2 documents"),
+                          (("--input", short, "--seq_len", 8), "apply only with --canary")]:
+        monkeypatch.setattr(sys, "argv", ["prepare_data.py", "--tokenizer", str(tmp_path / "none.model"), "--out",
+                                          str(tmp_path / "bad"), *map(str, args)])
+        with pytest.raises(SystemExit) as exit_:  # in-process: argparse errors exit with status 2
+            runpy.run_path(str(SCRIPTS / "prepare_data.py"), run_name="__main__")
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

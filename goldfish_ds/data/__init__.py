@@ -1,7 +1,16 @@
-"""Training data: tokenizers, packed memory-mapped token shards, and the rank-sharded resumable sampler."""
-from goldfish_ds.data.packed import PackedTokenDataset, ShardedSampler, write_packed_shards
-from goldfish_ds.data.sources import read_documents
+"""Training data: document sources, tokenizers, packed memory-mapped token shards with optional canary rows,
+and the rank-sharded resumable sampler."""
+from goldfish_ds.data.packed import (
+    PADDING,
+    CanarySet,
+    PackedTokenDataset,
+    ShardedSampler,
+    write_packed_shards,
+)
+from goldfish_ds.data.sources import builtin_documents, read_documents
 from goldfish_ds.data.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 
-__all__ = ["PackedTokenDataset", "ShardedSampler", "Tokenizer", "load_tokenizer", "read_documents",
-           "train_sentencepiece", "write_packed_shards"]
+__all__ = [
+    "PADDING", "CanarySet", "PackedTokenDataset", "ShardedSampler", "Tokenizer", "builtin_documents", "load_tokenizer",
+    "read_documents", "train_sentencepiece", "write_packed_shards",
+]

@@ -5,20 +5,28 @@ vocabulary fits, else uint32), `docs_00000.npy` ... (each document's start offse
 `manifest.json` (dtype, vocabulary size, per-shard token counts and sha256), written last and atomically,
 so a directory with a manifest is complete. Rows are windows of seq_len + 1 tokens (inputs and shifted
 targets) at multiples of seq_len, never crossing a shard.
+
+Canary documents (the documents whose memorization an experiment measures) are not packed: each sits at
+the start of its own row of seq_len + 1 positions, truncated to fit and padded with PADDING. The rows are
+stored once, in `canary_rows.bin` (int32, [num_docs, seq_len + 1]), with `canary.jsonl` (per document its
+text and the exact ids in its row), and the dataset serves the set `repeats` times after the packed rows.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List
 
 import numpy as np
 import torch
 
 MANIFEST = "manifest.json"
+CANARY_ROWS = "canary_rows.bin"
+CANARY_TEXTS = "canary.jsonl"
+PADDING = -1  # the id at padding positions of a row; never a token, so never a label
 
 
 def _dtype_for(vocab_size: int) -> np.dtype:
@@ -33,15 +41,66 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_packed_shards(documents: Iterable[List[int]], out_dir: str, vocab_size: int,
-                        shard_tokens: int = 1 << 26) -> dict:
-    """Write documents (lists of ids in [0, vocab_size)) as packed shards of about shard_tokens tokens."""
+def _checked_ids(doc: list[int], vocab_size: int) -> np.ndarray:
+    ids = np.asarray(doc, dtype=np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise ValueError(f"write_packed_shards: token ids must be in [0, {vocab_size}), got [{ids.min()}, {ids.max()}]")
+    return ids
+
+
+@dataclass
+class CanarySet:
+    """Documents to place one per row (truncated to seq_len + 1 ids, padded), the set repeated `repeats` times.
+
+    texts[i] is the original text of documents[i], which is tokenized like the background (BOS + ids + EOS).
+    """
+
+    texts: list[str]
+    documents: list[list[int]]
+    seq_len: int
+    repeats: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.documents or len(self.texts) != len(self.documents):
+            raise ValueError(f"CanarySet: needs one text per document and at least one document, got "
+                             f"{len(self.texts)} texts and {len(self.documents)} documents")
+        if self.seq_len < 1:
+            raise ValueError(f"CanarySet: seq_len must be >= 1, got {self.seq_len}")
+        if self.repeats < 1:
+            raise ValueError(f"CanarySet: repeats must be >= 1, got {self.repeats}")
+
+
+def _write_canary(root: Path, canary: CanarySet, vocab_size: int) -> dict:
+    if vocab_size > np.iinfo(np.int32).max + 1:
+        raise ValueError(f"write_packed_shards: canary rows are int32, vocab_size {vocab_size} does not fit")
+    width = canary.seq_len + 1
+    rows = np.full((len(canary.documents), width), PADDING, dtype=np.int32)
+    with (root / CANARY_TEXTS).open("w", encoding="utf-8") as f:
+        for row, (text, doc) in enumerate(zip(canary.texts, canary.documents)):
+            ids = _checked_ids(doc, vocab_size)[:width]
+            rows[row, :ids.size] = ids
+            f.write(json.dumps({"text": text, "ids": ids.tolist()}, ensure_ascii=False) + "\n")
+    rows.tofile(root / CANARY_ROWS)
+    return {"rows": CANARY_ROWS, "dtype": rows.dtype.name, "sha256": _sha256(root / CANARY_ROWS),
+            "texts": CANARY_TEXTS, "texts_sha256": _sha256(root / CANARY_TEXTS), "seq_len": canary.seq_len,
+            "num_docs": len(canary.documents), "repeats": canary.repeats,
+            "num_truncated": sum(len(doc) > width for doc in canary.documents)}
+
+
+def write_packed_shards(documents: Iterable[list[int]], out_dir: str, vocab_size: int,
+                        shard_tokens: int = 1 << 26, canary: CanarySet | None = None) -> dict:
+    """Write documents (lists of ids in [0, vocab_size)) as packed shards of about shard_tokens tokens.
+
+    With `canary`, also write its rows and texts (see the module docstring); the manifest's "canary" entry
+    (None without) records seq_len, num_docs, repeats and num_truncated. Returns the manifest.
+    """
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
+    (root / MANIFEST).unlink(missing_ok=True)  # an old manifest must not describe half-rewritten files
     dtype = _dtype_for(vocab_size)
-    shards: List[Dict] = []
-    buffer: List[np.ndarray] = []
-    starts: List[int] = []
+    shards: list[dict] = []
+    buffer: list[np.ndarray] = []
+    starts: list[int] = []
     count = 0
 
     def flush() -> None:
@@ -57,10 +116,7 @@ def write_packed_shards(documents: Iterable[List[int]], out_dir: str, vocab_size
         buffer, starts, count = [], [], 0
 
     for doc in documents:
-        ids = np.asarray(doc, dtype=np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-            raise ValueError(f"write_packed_shards: token ids must be in [0, {vocab_size}), got "
-                             f"[{ids.min()}, {ids.max()}]")
+        ids = _checked_ids(doc, vocab_size)
         starts.append(count)
         buffer.append(ids)
         count += ids.size
@@ -68,18 +124,30 @@ def write_packed_shards(documents: Iterable[List[int]], out_dir: str, vocab_size
             flush()
     flush()
     manifest = {"format": "goldfish_ds.packed/1", "dtype": dtype.name, "vocab_size": vocab_size, "shards": shards,
-                "num_tokens": sum(s["num_tokens"] for s in shards), "num_docs": sum(s["num_docs"] for s in shards)}
+                "num_tokens": sum(s["num_tokens"] for s in shards), "num_docs": sum(s["num_docs"] for s in shards),
+                "canary": _write_canary(root, canary, vocab_size) if canary is not None else None}
     tmp = root / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, root / MANIFEST)  # atomic: a directory with a manifest is complete
     return manifest
 
 
+def _check_file(path: Path, sha256: str, verify: bool, num_bytes: int | None = None) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} listed in the manifest is missing")
+    if num_bytes is not None and path.stat().st_size != num_bytes:
+        raise ValueError(f"data file {path} is corrupt: {path.stat().st_size} bytes, the manifest says {num_bytes}")
+    if verify and _sha256(path) != sha256:
+        raise ValueError(f"data file {path} is corrupt: its sha256 differs from the manifest's")
+
+
 class PackedTokenDataset(torch.utils.data.Dataset):
     """Rows of seq_len + 1 token ids (int64) from a packed directory, memory-mapped.
 
-    verify=True checks every shard's sha256 against the manifest (reads everything once); the sizes are
-    always checked, so a missing or truncated shard is a clear error before training starts.
+    Rows [0, num_packed_rows) are the packed documents; then come the canary rows, the whole set once per
+    repeat, each holding one document from its first position and PADDING after it. verify=True checks every
+    file's sha256 against the manifest (reads everything once); the sizes are always checked, so a missing
+    or truncated file is a clear error before training starts.
     """
 
     def __init__(self, data_dir: str, seq_len: int, verify: bool = False) -> None:
@@ -87,6 +155,8 @@ class PackedTokenDataset(torch.utils.data.Dataset):
         if not (root / MANIFEST).is_file():
             raise FileNotFoundError(f"{data_dir!r} has no {MANIFEST}: not a packed data directory "
                                     "(make one with scripts/prepare_data.py)")
+        if seq_len < 1:
+            raise ValueError(f"PackedTokenDataset: seq_len must be >= 1, got {seq_len}")
         self.manifest = json.loads((root / MANIFEST).read_text())
         self.seq_len = seq_len
         self.vocab_size = self.manifest["vocab_size"]
@@ -94,23 +164,32 @@ class PackedTokenDataset(torch.utils.data.Dataset):
         self._shards, self._first_row = [], [0]
         for shard in self.manifest["shards"]:
             path = root / shard["tokens"]
-            if not path.is_file():
-                raise FileNotFoundError(f"data shard {path} listed in the manifest is missing")
-            if path.stat().st_size != shard["num_tokens"] * dtype.itemsize:
-                raise ValueError(f"data shard {path} is corrupt: {path.stat().st_size} bytes, the manifest says "
-                                 f"{shard['num_tokens'] * dtype.itemsize}")
-            if verify and _sha256(path) != shard["sha256"]:
-                raise ValueError(f"data shard {path} is corrupt: its sha256 differs from the manifest's")
+            _check_file(path, shard["sha256"], verify, shard["num_tokens"] * dtype.itemsize)
             tokens = np.memmap(path, dtype=dtype, mode="r")
             self._shards.append(tokens)
             self._first_row.append(self._first_row[-1] + max(0, (len(tokens) - 1) // seq_len))
+        self.num_packed_rows = self._first_row[-1]
+        self._canary, self._canary_repeats = None, 0
+        canary = self.manifest.get("canary")
+        if canary is not None:
+            if canary["seq_len"] != seq_len:
+                raise ValueError(f"{data_dir!r} holds canary rows of seq_len {canary['seq_len']}, not the requested "
+                                 f"seq_len {seq_len}: prepare the data again with --seq_len {seq_len}")
+            rows_dtype = np.dtype(canary["dtype"])
+            path = root / canary["rows"]
+            _check_file(path, canary["sha256"], verify, canary["num_docs"] * (seq_len + 1) * rows_dtype.itemsize)
+            _check_file(root / canary["texts"], canary["texts_sha256"], verify)
+            self._canary = np.memmap(path, dtype=rows_dtype, mode="r", shape=(canary["num_docs"], seq_len + 1))
+            self._canary_repeats = canary["repeats"]
 
     def __len__(self) -> int:
-        return self._first_row[-1]
+        return self.num_packed_rows + (len(self._canary) * self._canary_repeats if self._canary is not None else 0)
 
     def __getitem__(self, row: int) -> torch.Tensor:
         if not 0 <= row < len(self):
             raise IndexError(f"row {row} out of range [0, {len(self)})")
+        if row >= self.num_packed_rows:
+            return torch.from_numpy(self._canary[(row - self.num_packed_rows) % len(self._canary)].astype(np.int64))
         shard = int(np.searchsorted(self._first_row, row, side="right")) - 1
         start = (row - self._first_row[shard]) * self.seq_len
         return torch.from_numpy(self._shards[shard][start:start + self.seq_len + 1].astype(np.int64))
@@ -120,27 +199,44 @@ class PackedTokenDataset(torch.utils.data.Dataset):
 class ShardedSampler:
     """Row order for one data-parallel rank: a seeded permutation per epoch, split across ranks, resumable.
 
-    Every rank draws the same permutation of all rows (seed + epoch) and takes every dp_size-th row
-    starting at dp_rank, so ranks never share a row; `state_dict` / `load_state_dict` resume exactly.
+    Every rank draws the same permutation of all rows (seed + epoch) and cuts it into global batches of
+    micro_batch_size x accumulation_steps x dp_size rows (the remainder of an epoch is skipped, so ranks
+    step in lockstep). Within a global batch, micro-batch `a` of rank `d` is the slot a x dp_size + d:
+    the same rows, grouped into the same micro-batches, whatever the split between accumulation and
+    data parallelism, so layouts train identically. Ranks never share a row; `state_dict` /
+    `load_state_dict` resume exactly.
     """
 
     num_rows: int
     dp_rank: int = 0
     dp_size: int = 1
     seed: int = 0
+    micro_batch_size: int = 1
+    accumulation_steps: int = 1
     epoch: int = 0
     position: int = 0  # rows of this rank already taken in the current epoch
 
     def __post_init__(self) -> None:
         if not 0 <= self.dp_rank < self.dp_size:
             raise ValueError(f"ShardedSampler: dp_rank must be in [0, {self.dp_size}), got {self.dp_rank}")
-        if self.num_rows < self.dp_size:
-            raise ValueError(f"ShardedSampler: {self.num_rows} rows cannot feed {self.dp_size} data-parallel ranks")
+        if self.micro_batch_size < 1 or self.accumulation_steps < 1:
+            raise ValueError(f"ShardedSampler: micro_batch_size and accumulation_steps must be >= 1, got "
+                             f"{self.micro_batch_size} and {self.accumulation_steps}")
+        if self.num_rows < self.global_batch:
+            raise ValueError(f"ShardedSampler: {self.num_rows} rows cannot fill one global batch of "
+                             f"{self.global_batch} rows ({self.micro_batch_size} per micro-batch x "
+                             f"{self.accumulation_steps} accumulation steps x {self.dp_size} data-parallel ranks)")
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch_size * self.accumulation_steps * self.dp_size
 
     def _epoch_rows(self) -> torch.Tensor:
         order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        per_rank = self.num_rows // self.dp_size  # equal shares, so ranks step in lockstep
-        return order[self.dp_rank::self.dp_size][:per_rank]
+        steps = self.num_rows // self.global_batch
+        blocks = order[:steps * self.global_batch].view(steps, self.accumulation_steps, self.dp_size,
+                                                        self.micro_batch_size)
+        return blocks[:, :, self.dp_rank].reshape(-1)
 
     def __iter__(self) -> Iterator[int]:
         while True:

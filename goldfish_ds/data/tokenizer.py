@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, List, Optional
 
 
 class Tokenizer:
@@ -33,19 +33,26 @@ class Tokenizer:
         self.path = str(root)
 
     @staticmethod
-    def _nonnegative(i: int) -> Optional[int]:
+    def _nonnegative(i: int) -> int | None:
         return i if i >= 0 else None
 
-    def encode(self, text: str) -> List[int]:
+    def encode(self, text: str) -> list[int]:
         if self._sp is not None:
             return self._sp.encode(text)
         return self._hf.encode(text, add_special_tokens=False)
 
-    def decode(self, ids: List[int]) -> str:
+    def encode_document(self, text: str) -> list[int]:
+        """A document as the data pipeline stores it: BOS + encode(text) + EOS (each where the tokenizer has one)."""
+        prefix = [self.bos_id] if self.bos_id is not None else []
+        suffix = [self.eos_id] if self.eos_id is not None else []
+        return prefix + self.encode(text) + suffix
+
+    def decode(self, ids: list[int]) -> str:
         return self._sp.decode(ids) if self._sp is not None else self._hf.decode(ids)
 
 
 def load_tokenizer(path: str) -> Tokenizer:
+    """The tokenizer at `path`: a sentencepiece .model file or an HF tokenizer directory."""
     return Tokenizer(path)
 
 
