@@ -309,3 +309,20 @@ def test_prepare_data_cli_argument_errors(tmp_path, monkeypatch, capsys):
             runpy.run_path(str(SCRIPTS / "prepare_data.py"), run_name="__main__")
         assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_sampler_micro_batches_do_not_depend_on_the_dp_accumulation_split():
+    """Slot a x dp + d of each global batch: 1 rank x 4 accumulation steps, 2 x 2 and 4 x 1 see the same
+    micro-batches, so the layouts train identically."""
+    def micro_batches(dp, accumulation, steps=6):
+        out = []
+        for rank in range(dp):
+            rows = iter(ShardedSampler(50, rank, dp, seed=3, micro_batch_size=3, accumulation_steps=accumulation))
+            out.append([[next(rows) for _ in range(3)] for _ in range(steps * accumulation)])
+        # order them as (step, slot): slot = a * dp + rank
+        return [out[rank][step * accumulation + a] for step in range(steps) for a in range(accumulation)
+                for rank in range(dp)]
+
+    single = micro_batches(1, 4)
+    assert micro_batches(2, 2) == single and micro_batches(4, 1) == single
+    assert len({r for batch in single[:16] for r in batch}) == 48  # 4 global batches of 12 distinct rows in epoch 0

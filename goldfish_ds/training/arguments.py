@@ -1,0 +1,145 @@
+"""Command line of the pretraining job, and the JSON run configs that fill it.
+
+Every option can be given on the command line or in a `--config` JSON file whose keys are the option
+names without dashes (the command line wins). Batch sizes, precision and ZeRO settings live in the
+DeepSpeed config (`--deepspeed_config`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from goldfish_ds.config import STRATEGIES, WINDOWS, GoldfishConfig
+
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+DEFAULT_MODEL_CONFIG = str(REPO_CONFIGS / "models" / "tiny.json")
+DEFAULT_CPU_DEEPSPEED_CONFIG = str(REPO_CONFIGS / "deepspeed" / "zero3_cpu.json")
+DEFAULT_GPU_DEEPSPEED_CONFIG = str(REPO_CONFIGS / "deepspeed" / "zero3_gpu_bf16.json")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Pretrain or continue-pretraining a Llama with the goldfish loss on DeepSpeed (ZeRO 1-3) with "
+                    "tensor parallelism. Launch with `deepspeed`, `torchrun`, `mpirun` or plain `python`. With no "
+                    "data arguments it trains the tiny model on Python's bundled documentation (pydoc_data.topics) "
+                    "with a tokenizer trained on the spot.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", help="JSON file of option values (keys = option names without dashes); the "
+                                    "command line overrides it")
+    run = p.add_argument_group("run")
+    run.add_argument("--deepspeed_config", default=None,
+                     help="DeepSpeed JSON config (batch sizes, ZeRO stage, bf16, gradient_clipping); default "
+                          "configs/deepspeed/zero3_cpu.json without a GPU, zero3_gpu_bf16.json with one")
+    run.add_argument("--out_dir", default="runs/default", help="checkpoints/, metrics.jsonl, tensorboard/, hf/")
+    run.add_argument("--max_steps", type=int, default=300, help="optimizer steps to train for (in total, "
+                                                                 "counting the steps before a resume)")
+    run.add_argument("--resume", action="store_true", help="continue exactly from the latest complete checkpoint "
+                                                           "in out_dir/checkpoints")
+    run.add_argument("--seed", type=int, default=1234, help="model initialisation seed")
+    run.add_argument("--data_seed", type=int, default=0, help="seed of the per-epoch row order")
+    run.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+
+    model = p.add_argument_group("model")
+    model.add_argument("--model_config", default=DEFAULT_MODEL_CONFIG,
+                       help="Llama config JSON (ours or an HF config.json)")
+    model.add_argument("--init_from_hf", default=None,
+                       help="continue pretraining from this HF Llama directory (its config.json replaces "
+                            "--model_config)")
+    model.add_argument("--tensor_parallel", type=int, default=1, help="tensor-parallel size (divides the world)")
+    model.add_argument("--activation_checkpointing", action="store_true", help="recompute decoder layers in the "
+                                                                               "backward pass")
+
+    data = p.add_argument_group("data")
+    data.add_argument("--data", default=None, help="packed training data directory (scripts/prepare_data.py); "
+                                                   "default: the built-in corpus, prepared in out_dir/data")
+    data.add_argument("--val_data", default=None, help="packed validation data directory (default: none, or the "
+                                                       "built-in corpus's held-out documents)")
+    data.add_argument("--tokenizer", default=None, help="the tokenizer of --data (sentencepiece .model or HF "
+                                                        "directory); copied into the HF export")
+    data.add_argument("--seq_len", type=int, default=256, help="tokens per training row")
+    data.add_argument("--verify_data", action="store_true", help="check every shard's sha256 before training")
+
+    gf = p.add_argument_group("goldfish loss")
+    gf.add_argument("--goldfish", action=argparse.BooleanOptionalAction, default=True,
+                    help="use the goldfish loss (--no-goldfish: the standard loss, through the same kernels)")
+    gf.add_argument("--goldfish_k", type=int, default=4, help="drop about 1/k of the targets (k >= 2)")
+    gf.add_argument("--goldfish_h", type=int, default=13, help="context width of the hashed strategies")
+    gf.add_argument("--goldfish_strategy", default="hash-table", choices=sorted(STRATEGIES))
+    gf.add_argument("--goldfish_window", default="inclusive", choices=WINDOWS,
+                    help="inclusive: target + h-1 predecessors (official code); preceding: the h tokens before")
+    gf.add_argument("--goldfish_start_position", type=int, default=0, help="first dropped position (static)")
+    gf.add_argument("--goldfish_exempt_ids", default="special",
+                    help="comma-separated ids never dropped; 'special' = the tokenizer's BOS/EOS/PAD; 'none'")
+    gf.add_argument("--goldfish_table_path", default=None, help="hash-table values file (default: the official "
+                                                                "table, drawn on the CPU)")
+    gf.add_argument("--goldfish_seed", type=int, default=0, help="seed of the random strategy")
+
+    opt = p.add_argument_group("optimizer (AdamW, linear warmup then cosine decay; clipping from the DeepSpeed "
+                               "config's gradient_clipping)")
+    opt.add_argument("--lr", type=float, default=4e-4)
+    opt.add_argument("--min_lr", type=float, default=4e-5)
+    opt.add_argument("--warmup_steps", type=int, default=20)
+    opt.add_argument("--beta1", type=float, default=0.9)
+    opt.add_argument("--beta2", type=float, default=0.95)
+    opt.add_argument("--weight_decay", type=float, default=0.1, help="applied to matrices, not to norms")
+
+    log = p.add_argument_group("logging, validation and checkpoints")
+    log.add_argument("--log_interval", type=int, default=1, help="steps between metric records")
+    log.add_argument("--eval_interval", type=int, default=50, help="steps between validation losses (0: never)")
+    log.add_argument("--eval_batches", type=int, default=4, help="micro-batches per rank in a validation pass")
+    log.add_argument("--save_interval", type=int, default=100, help="steps between checkpoints (and at the end)")
+    log.add_argument("--keep_checkpoints", type=int, default=2, help="complete checkpoints kept on disk")
+    log.add_argument("--export_hf", action=argparse.BooleanOptionalAction, default=True,
+                     help="write an HF-format model and the tokenizer to out_dir/hf at the end")
+    log.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                     help="progress bar on rank 0")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line over the defaults and the optional --config file; validate what can be."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config:
+        values = json.loads(Path(args.config).read_text())
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"--config {args.config}: unknown options {unknown}")
+        parser.set_defaults(**values)
+        args = parser.parse_args(argv)
+    for name in ("max_steps", "seq_len", "tensor_parallel", "log_interval", "eval_batches", "save_interval",
+                 "keep_checkpoints"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("warmup_steps", "eval_interval"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    if not 0 <= args.min_lr <= args.lr:
+        raise ValueError(f"--min_lr must be in [0, --lr={args.lr}], got {args.min_lr}")
+    if args.goldfish:
+        goldfish_config(args, special_ids=())  # k, h, window... checked before anything starts
+    return args
+
+
+def goldfish_config(args: argparse.Namespace, special_ids: tuple) -> GoldfishConfig | None:
+    """The GoldfishConfig the options describe (None for --no-goldfish); special_ids fill 'special'."""
+    if not args.goldfish:
+        return None
+    spec = str(args.goldfish_exempt_ids).strip()
+    if spec == "special":
+        exempt = tuple(sorted(set(special_ids)))
+    elif spec in ("none", ""):
+        exempt = ()
+    else:
+        try:
+            exempt = tuple(int(x) for x in spec.split(","))
+        except ValueError:
+            raise ValueError(f"--goldfish_exempt_ids must be 'special', 'none' or comma-separated integers, "
+                             f"got {spec!r}") from None
+    return GoldfishConfig(k=args.goldfish_k, h=args.goldfish_h, strategy=args.goldfish_strategy,
+                          window=args.goldfish_window, start_position=args.goldfish_start_position,
+                          exempt_ids=exempt, table_path=args.goldfish_table_path, seed=args.goldfish_seed)

@@ -1,0 +1,130 @@
+"""Atomic DeepSpeed checkpoints: a crash at any point never leaves a partial checkpoint marked "latest".
+
+Layout of `root` (out_dir/checkpoints): one directory per complete checkpoint, `step_00000100/`, holding
+DeepSpeed's files (model and optimizer shards of every rank, our client state) and one
+`rank_XXXXX.pt` per rank (its RNG states and position in the data); and `latest`, the tag of the newest
+complete one. A save goes to `step_XXXXXXXX.partial/`; when every rank has written its files (a
+barrier), rank 0 syncs them to disk, renames the directory to its final name and then replaces `latest`
+(both atomic renames). DeepSpeed's own `latest` file is not used.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from goldfish_ds.training.faults import maybe_crash
+
+PARTIAL = ".partial"
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            with path.open("rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_states() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class CheckpointManager:
+    """Saves and finds complete checkpoints under `root`, keeping the newest `keep`."""
+
+    def __init__(self, root: str, keep: int) -> None:
+        self.root = Path(root)
+        self.keep = keep
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+
+    def latest_tag(self) -> str | None:
+        """The newest complete checkpoint's tag, or None."""
+        latest = self.root / "latest"
+        if not latest.is_file():
+            return None
+        tag = latest.read_text().strip()
+        if not (self.root / tag).is_dir():
+            raise FileNotFoundError(f"{latest} names {tag!r}, which is missing from {self.root}")
+        return tag
+
+    def remove_partial(self) -> None:
+        """Delete what interrupted saves left behind (rank 0; every rank calls it)."""
+        if self.rank == 0 and self.root.is_dir():
+            for path in self.root.glob(f"*{PARTIAL}"):
+                shutil.rmtree(path)
+        dist.barrier()
+
+    def save(self, engine, step: int, client_state: dict, rank_state: dict) -> str:
+        """Write checkpoint `step_<step>` (every rank calls it) and make it the latest; returns its tag."""
+        tag = f"step_{step:08d}"
+        partial = tag + PARTIAL
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self.root / partial, ignore_errors=True)
+        dist.barrier()
+        engine.save_checkpoint(str(self.root), tag=partial, client_state=client_state, save_latest=False)
+        maybe_crash("checkpoint", step)
+        rank_file = self.root / partial / f"rank_{self.rank:05d}.pt"
+        torch.save({**rank_state, "rng": rng_states(), "world_size": self.world_size}, rank_file)
+        dist.barrier()  # every rank's files are written
+        if self.rank == 0:
+            _fsync_tree(self.root / partial)
+            final = self.root / tag
+            if final.exists():  # the same step again after a resume from an older checkpoint
+                shutil.rmtree(final)
+            os.replace(self.root / partial, final)
+            tmp = self.root / "latest.tmp"
+            tmp.write_text(tag)
+            with tmp.open("rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, self.root / "latest")
+            _fsync_dir(self.root)
+            self._prune(keep_tag=tag)
+        dist.barrier()
+        return tag
+
+    def _prune(self, keep_tag: str) -> None:
+        complete = sorted(p for p in self.root.glob("step_*") if p.is_dir() and not p.name.endswith(PARTIAL))
+        for path in complete[:-self.keep]:
+            if path.name != keep_tag:
+                shutil.rmtree(path)
+
+    def load(self, engine, tag: str) -> tuple[dict, dict]:
+        """Load checkpoint `tag` into `engine`; returns (client_state, this rank's state) and restores RNGs."""
+        rank_file = self.root / tag / f"rank_{self.rank:05d}.pt"
+        if not rank_file.is_file():
+            raise ValueError(f"checkpoint {self.root / tag} has no state for rank {self.rank}: it was written by a "
+                             f"job of another size (this one has {self.world_size} ranks)")
+        rank_state = torch.load(rank_file, weights_only=False)
+        if rank_state["world_size"] != self.world_size:
+            raise ValueError(f"checkpoint {self.root / tag} was written by {rank_state['world_size']} ranks; this job "
+                             f"has {self.world_size}: resume with the same world size and layout")
+        path, client_state = engine.load_checkpoint(str(self.root), tag=tag)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.root / tag}")
+        set_rng_states(rank_state["rng"])
+        return client_state, rank_state

@@ -1,0 +1,82 @@
+"""Where training metrics go (rank 0): out_dir/metrics.jsonl, a console progress bar, and TensorBoard when
+the `tensorboard` package is installed.
+
+Each JSONL record has "kind" ("train" or "val") and "step". On resume the records after the resumed step
+are dropped first, so the file always describes one uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+class MetricsLogger:
+    def __init__(self, out_dir: str, *, enabled: bool, start_step: int, max_steps: int, progress: bool) -> None:
+        self.enabled = enabled
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self._file = self._bar = self._tb = None
+        if not enabled:
+            return
+        self._truncate_after(start_step)
+        self._file = self.path.open("a", encoding="utf-8")
+        self._bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", disable=not progress,
+                         dynamic_ncols=True)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional
+            self.tensorboard_dir = None
+        else:
+            self.tensorboard_dir = str(Path(out_dir) / "tensorboard")
+            self._tb = SummaryWriter(self.tensorboard_dir, purge_step=start_step + 1)
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.is_file():
+            return
+        lines = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                 if line.strip() and json.loads(line)["step"] <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def log(self, record: dict) -> None:
+        """Append one record (a dict with "kind" and "step" and numbers)."""
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if key not in ("kind", "step") and isinstance(value, (int, float)):
+                    self._tb.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+        if record["kind"] == "train":
+            self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                  tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+        else:
+            self._bar.write(f"step {record['step']}: validation loss {record['val_loss']:.4f}")
+
+    def advance(self, steps: int = 1) -> None:
+        if self.enabled:
+            self._bar.update(steps)
+
+    def write(self, message: str) -> None:
+        """A console line that does not break the progress bar."""
+        if self.enabled:
+            self._bar.write(message)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._bar.close()
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+    def last_record(self, kind: str) -> dict | None:
+        """The newest record of a kind in the file (for the end-of-run summary)."""
+        if not self.path.is_file():
+            return None
+        records = [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return next((r for r in reversed(records) if r["kind"] == kind), None)

@@ -1,0 +1,277 @@
+"""The pretraining job: a Llama on DeepSpeed (ZeRO 1-3) with tensor parallelism and the goldfish loss.
+
+`run(args)` does everything `scripts/pretrain.py` promises, in this order: start torch.distributed for
+whichever launcher started the ranks, build the TP/DP groups, check every input (DeepSpeed config,
+data, tokenizer, model config, goldfish options) before any model is built, build the model under
+`deepspeed.zero.Init`, wrap it in a DeepSpeed engine with AdamW and the warmup-cosine schedule, resume
+if asked, then train, log, validate, checkpoint and export.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from goldfish_ds.config import GoldfishConfig
+from goldfish_ds.data import (
+    PackedTokenDataset,
+    ShardedSampler,
+    Tokenizer,
+    load_tokenizer,
+)
+from goldfish_ds.models import Llama, LlamaConfig, load_hf_llama, read_hf_state_dict
+from goldfish_ds.parallel import (
+    data_parallel_group,
+    data_parallel_rank,
+    data_parallel_world_size,
+    init_distributed,
+    initialize_model_parallel,
+    mpu,
+    vocab_parallel_goldfish_cross_entropy,
+)
+from goldfish_ds.training.arguments import (
+    DEFAULT_CPU_DEEPSPEED_CONFIG,
+    DEFAULT_GPU_DEEPSPEED_CONFIG,
+    goldfish_config,
+)
+from goldfish_ds.training.builtin_corpus import prepare_builtin_corpus
+from goldfish_ds.training.checkpoint import CheckpointManager
+from goldfish_ds.training.deepspeed_config import load_deepspeed_config
+from goldfish_ds.training.export import export_hf
+from goldfish_ds.training.faults import maybe_crash
+from goldfish_ds.training.metrics import MetricsLogger
+from goldfish_ds.training.optim import adamw, lr_scheduler
+
+ARGS_FILE = "args.json"
+
+
+# DeepSpeed still calls torch.distributed's older collective names, which warn on every step.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+
+
+def select_accelerator() -> None:
+    """DeepSpeed's CPU accelerator (gloo) when there is no GPU, unless the user chose one."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+class Job:
+    """One training job's state: groups, data, model engine, sampler, checkpoints."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        select_accelerator()
+        import deepspeed
+
+        self.args = args
+        self.launch = init_distributed()
+        deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts the process group just created
+        initialize_model_parallel(args.tensor_parallel)
+        self.rank, self.dp_rank, self.dp_size = dist.get_rank(), data_parallel_rank(), data_parallel_world_size()
+        self.device = torch.device(f"cuda:{self.launch.local_rank}" if torch.cuda.is_available() else "cpu")
+        self.out_dir = Path(args.out_dir)
+
+        ds_path = args.deepspeed_config or (DEFAULT_GPU_DEEPSPEED_CONFIG if torch.cuda.is_available()
+                                            else DEFAULT_CPU_DEEPSPEED_CONFIG)
+        self.ds_config = load_deepspeed_config(ds_path, self.dp_size)
+        self.micro_batch = self.ds_config["train_micro_batch_size_per_gpu"]
+        self.accumulation = self.ds_config["gradient_accumulation_steps"]
+        self.dtype = torch.bfloat16 if self.ds_config.get("bf16", {}).get("enabled") else (
+            torch.float16 if self.ds_config.get("fp16", {}).get("enabled") else torch.float32)
+
+        self.model_cfg = LlamaConfig.from_json(str(Path(args.init_from_hf) / "config.json") if args.init_from_hf
+                                               else args.model_config)
+        self.data_dir, self.val_dir, self.tokenizer_path = self._resolve_data()
+        self.train_set = PackedTokenDataset(self.data_dir, args.seq_len, verify=args.verify_data)
+        self.val_set = PackedTokenDataset(self.val_dir, args.seq_len) if self.val_dir else None
+        tokenizer = load_tokenizer(self.tokenizer_path) if self.tokenizer_path else None
+        self._check_vocabulary(tokenizer)
+        self.goldfish: GoldfishConfig | None = goldfish_config(args, _special_ids(tokenizer))
+        self.ignore_index = self.goldfish.ignore_index if self.goldfish else -100
+
+        self.engine = self._build_engine(deepspeed)
+        self.sampler = ShardedSampler(len(self.train_set), self.dp_rank, self.dp_size, seed=args.data_seed,
+                                      micro_batch_size=self.micro_batch, accumulation_steps=self.accumulation)
+        self.checkpoints = CheckpointManager(str(self.out_dir / "checkpoints"), keep=args.keep_checkpoints)
+        self.step = 0
+        self.input_tokens = self.supervised_tokens = 0
+
+    # ---- set-up -------------------------------------------------------------------------------------
+    def _resolve_data(self) -> tuple[str, str | None, str | None]:
+        args = self.args
+        if args.data:
+            return args.data, args.val_data, args.tokenizer
+        if args.val_data or args.tokenizer:
+            raise ValueError("--val_data and --tokenizer describe --data: give --data too (or none of them for the "
+                             "built-in corpus)")
+        root = self.out_dir / "data"
+        if self.rank == 0:
+            prepare_builtin_corpus(str(root), vocab_size=self.model_cfg.vocab_size)
+        dist.barrier()
+        return str(root / "train"), str(root / "val"), str(root / "tokenizer.model")
+
+    def _check_vocabulary(self, tokenizer: Tokenizer | None) -> None:
+        vocab = self.model_cfg.vocab_size
+        if tokenizer is not None and tokenizer.vocab_size > vocab:
+            raise ValueError(f"tokenizer {self.tokenizer_path} has {tokenizer.vocab_size} tokens, more than the "
+                             f"model's vocab_size {vocab}: use a model config with vocab_size >= "
+                             f"{tokenizer.vocab_size}")
+        if self.train_set.vocab_size > vocab:
+            raise ValueError(f"data {self.data_dir} was tokenized with a vocabulary of {self.train_set.vocab_size}, "
+                             f"larger than the model's vocab_size {vocab}")
+
+    def _build_engine(self, deepspeed):
+        args = self.args
+        stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
+        with deepspeed.zero.Init(data_parallel_group=data_parallel_group(), mpu=mpu, config_dict_or_path=self.ds_config,
+                                 enabled=stage == 3 and not args.init_from_hf):
+            model = Llama(self.model_cfg, seed=args.seed, activation_checkpointing=args.activation_checkpointing)
+        if self.model_cfg.tie_word_embeddings and stage == 3:
+            # The LM head uses the embedding's weight outside the embedding's forward.
+            deepspeed.zero.register_external_parameter(model.lm_head, model.embed_tokens.weight)
+        if args.init_from_hf:  # built whole (not under zero.Init), loaded, then partitioned by deepspeed.initialize
+            load_hf_llama(model, read_hf_state_dict(args.init_from_hf))
+        optimizer = adamw(model, lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=self.ds_config, mpu=mpu, dist_init_required=False,
+            lr_scheduler=lambda opt: lr_scheduler(opt, lr=args.lr, min_lr=args.min_lr,
+                                                  warmup_steps=args.warmup_steps, max_steps=args.max_steps))
+        return engine
+
+    # ---- state --------------------------------------------------------------------------------------
+    def client_state(self) -> dict:
+        return {"step": self.step, "sampler": self.sampler.state_dict(), "input_tokens": self.input_tokens,
+                "supervised_tokens": self.supervised_tokens,
+                "goldfish": asdict(self.goldfish) if self.goldfish else None, "model": asdict(self.model_cfg),
+                "layout": self.layout(), "data_rows": len(self.train_set)}
+
+    def layout(self) -> dict:
+        return {"world_size": dist.get_world_size(), "tensor_parallel": self.args.tensor_parallel,
+                "micro_batch": self.micro_batch, "accumulation": self.accumulation, "seq_len": self.args.seq_len}
+
+    def resume(self) -> None:
+        tag = self.checkpoints.latest_tag()
+        if tag is None:
+            raise FileNotFoundError(f"--resume: no complete checkpoint in {self.checkpoints.root}")
+        state, _ = self.checkpoints.load(self.engine, tag)
+        mine = self.client_state()
+        for key, what in (("goldfish", "goldfish settings (the masks would change mid-run)"),
+                          ("model", "model config"), ("layout", "batch layout"), ("data_rows", "training data")):
+            if state[key] != mine[key]:
+                raise ValueError(f"--resume: the checkpoint's {what} differ from this run's:\n  checkpoint: "
+                                 f"{state[key]}\n  this run:   {mine[key]}")
+        self.sampler.load_state_dict(state["sampler"])
+        self.step, self.input_tokens, self.supervised_tokens = (state["step"], state["input_tokens"],
+                                                                state["supervised_tokens"])
+
+    def save(self) -> str:
+        return self.checkpoints.save(self.engine, self.step, self.client_state(), rank_state={})
+
+    # ---- steps --------------------------------------------------------------------------------------
+    def _batch(self, rows: Iterator[int], dataset: PackedTokenDataset) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = torch.stack([dataset[next(rows)] for _ in range(self.micro_batch)]).to(self.device)
+        labels = tokens[:, 1:]
+        labels = torch.where(labels < 0, self.ignore_index, labels)  # padding of canary rows
+        return tokens[:, :-1].clamp_min(0), labels
+
+    def train_step(self, rows: Iterator[int]) -> dict:
+        """One optimizer step (accumulation micro-batches); returns its metrics, summed over DP ranks."""
+        sums = torch.zeros(5, dtype=torch.float64)  # kept, dropped, kept loss, dropped loss, input tokens
+        lr = self.engine.get_lr()[0]
+        for _ in range(self.accumulation):
+            inputs, labels = self._batch(rows, self.train_set)
+            local_logits = self.engine(inputs)
+            loss, stats = vocab_parallel_goldfish_cross_entropy(local_logits, labels, self.goldfish,
+                                                                step=self.step, return_stats=True)
+            self.engine.backward(loss)
+            self.engine.step()
+            sums += torch.stack([stats.kept_tokens.double(), stats.dropped_tokens.double(),
+                                 stats.loss_kept.double() * stats.kept_tokens,
+                                 stats.loss_dropped_tokens.double() * stats.dropped_tokens,
+                                 torch.tensor(float(inputs.numel()), dtype=torch.float64)]).cpu()
+        dist.all_reduce(sums, group=data_parallel_group())
+        kept, dropped, kept_loss, dropped_loss, inputs_seen = sums.tolist()
+        self.step += 1
+        self.input_tokens += int(inputs_seen)
+        self.supervised_tokens += int(kept)
+        grad_norm = self.engine.get_global_grad_norm()
+        return {"loss": kept_loss / max(kept, 1), "loss_all_tokens": (kept_loss + dropped_loss) / max(kept + dropped, 1),
+                "loss_dropped_tokens": dropped_loss / max(dropped, 1), "drop_rate": dropped / max(kept + dropped, 1),
+                "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "input_tokens": self.input_tokens, "supervised_tokens": self.supervised_tokens,
+                "step_input_tokens": int(inputs_seen)}
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """Mean standard (not goldfish) loss over a fixed set of validation rows, all DP ranks together."""
+        self.engine.eval()
+        rows_per_rank = min(self.args.eval_batches * self.micro_batch, len(self.val_set) // self.dp_size)
+        rows = iter(range(self.dp_rank, rows_per_rank * self.dp_size, self.dp_size))
+        sums = torch.zeros(2, dtype=torch.float64)
+        for _ in range(rows_per_rank // self.micro_batch):
+            inputs, labels = self._batch(rows, self.val_set)
+            loss = vocab_parallel_goldfish_cross_entropy(self.engine(inputs), labels, None, reduction="sum",
+                                                         in_place=False)
+            sums += torch.tensor([loss.item(), float(labels.ne(self.ignore_index).sum())], dtype=torch.float64)
+        dist.all_reduce(sums, group=data_parallel_group())
+        self.engine.train()
+        return sums[0].item() / max(sums[1].item(), 1.0)
+
+    # ---- the job ------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        args = self.args
+        if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / ARGS_FILE).write_text(json.dumps(vars(args), indent=1))
+        self.checkpoints.remove_partial()
+        if args.resume:
+            self.resume()
+        logger = MetricsLogger(str(self.out_dir), enabled=self.rank == 0, start_step=self.step,
+                               max_steps=args.max_steps, progress=args.progress)
+        if self.val_set is not None and self.val_set and len(self.val_set) < self.dp_size * self.micro_batch:
+            raise ValueError(f"validation data {self.val_dir} has {len(self.val_set)} rows, fewer than one micro-batch "
+                             f"per data-parallel rank ({self.dp_size} x {self.micro_batch})")
+        rows = iter(self.sampler)
+        while self.step < args.max_steps:
+            start = time.perf_counter()
+            record = self.train_step(rows)
+            elapsed = time.perf_counter() - start
+            maybe_crash("step", self.step)
+            logger.advance()
+            if self.step % args.log_interval == 0 or self.step == args.max_steps:
+                tokens = record.pop("step_input_tokens")
+                logger.log({"kind": "train", "step": self.step, **record, "tokens_per_s": tokens / elapsed,
+                            "step_time_s": elapsed})
+            if self.val_set is not None and args.eval_interval and (self.step % args.eval_interval == 0
+                                                                    or self.step == args.max_steps):
+                logger.log({"kind": "val", "step": self.step, "val_loss": self.validation_loss()})
+            if self.step % args.save_interval == 0 or self.step == args.max_steps:
+                logger.write(f"step {self.step}: checkpoint {self.checkpoints.root / self.save()}")
+        hf_dir = None
+        if args.export_hf:
+            hf_dir = str(self.out_dir / "hf")
+            export_hf(self.engine.module, hf_dir, self.tokenizer_path)
+        summary = {"steps": self.step, "checkpoints": str(self.checkpoints.root), "metrics": str(logger.path),
+                   "hf_export": hf_dir, "last_train": logger.last_record("train"), "last_val": logger.last_record("val")}
+        if logger.enabled and getattr(logger, "tensorboard_dir", None):
+            summary["tensorboard"] = logger.tensorboard_dir
+        logger.close()
+        return summary
+
+
+def _special_ids(tokenizer: Tokenizer | None) -> tuple:
+    if tokenizer is None:
+        return ()
+    return tuple(i for i in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) if i is not None)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Train as the arguments say; returns a summary (paths, last metrics) on every rank."""
+    return Job(args).train()

@@ -1,0 +1,254 @@
+"""The pretraining pipeline end to end: real DeepSpeed ZeRO-3 ranks on CPU (gloo), started by the deepspeed
+launcher, mpirun, torchrun or plain python; layouts, crash-and-resume, export, and bad input."""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from distributed import free_port
+from test_launchers import launcher
+
+from goldfish_ds import GoldfishConfig, goldfish_mask
+from goldfish_ds.data import (
+    PackedTokenDataset,
+    ShardedSampler,
+    builtin_documents,
+    load_tokenizer,
+    train_sentencepiece,
+    write_packed_shards,
+)
+from goldfish_ds.training.deepspeed_config import load_deepspeed_config
+from goldfish_ds.training.optim import warmup_cosine_lr
+
+REPO = Path(__file__).resolve().parents[1]
+PRETRAIN = str(REPO / "scripts" / "pretrain.py")
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The built-in corpus tokenized with a 2k sentencepiece model: (train dir, val dir, tokenizer)."""
+    root = tmp_path_factory.mktemp("corpus")
+    docs = builtin_documents()
+    tok_path = train_sentencepiece(docs[8:], str(root / "tok"), vocab_size=2048)
+    tok = load_tokenizer(tok_path)
+    for name, texts in (("train", docs[8:]), ("val", docs[:8])):
+        write_packed_shards(([tok.bos_id] + tok.encode(t) + [tok.eos_id] for t in texts), str(root / name),
+                            tok.vocab_size)
+    model = json.loads((REPO / "configs" / "models" / "tiny.json").read_text())
+    (root / "model.json").write_text(json.dumps({**model, "vocab_size": 2048}))
+    return root
+
+
+def ds_config(path: Path, micro: int, accumulation: int, **extra) -> str:
+    config = json.loads((REPO / "configs" / "deepspeed" / "zero3_cpu.json").read_text())
+    config.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accumulation, **extra)
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def train_args(corpus: Path, out_dir: Path, config: str, *extra: str) -> list:
+    return ["--deepspeed_config", config, "--out_dir", str(out_dir), "--data", str(corpus / "train"),
+            "--val_data", str(corpus / "val"), "--tokenizer", str(corpus / "tok.model"),
+            "--model_config", str(corpus / "model.json"), "--seq_len", "64", "--max_steps", str(STEPS),
+            "--warmup_steps", "5", "--lr", "3e-3", "--min_lr", "3e-4", "--save_interval", "5", "--eval_interval", "10", "--eval_batches", "2",
+            "--no-progress", "--no-export_hf", *extra]
+
+
+def launch(kind: str, nproc: int, args: list, expect_ok: bool = True, env: dict | None = None):
+    """Run scripts/pretrain.py under a launcher; returns the CompletedProcess."""
+    if kind == "python":
+        command = [sys.executable, PRETRAIN]
+    elif kind == "deepspeed":
+        command = [launcher("deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()), PRETRAIN]
+    elif kind == "mpirun":
+        command = [launcher("mpirun"), "-np", str(nproc), "--map-by", "slot:OVERSUBSCRIBE", sys.executable, PRETRAIN]
+    elif kind == "torchrun":
+        command = [launcher("torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()), PRETRAIN]
+    full_env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+                    OMP_NUM_THREADS="1" if nproc > 1 else "2", **(env or {}))
+    result = subprocess.run(command + args, env=full_env, capture_output=True, text=True, timeout=900)
+    if expect_ok:
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result
+
+
+def records(out_dir: Path, kind: str = "train") -> list:
+    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def losses(out_dir: Path) -> np.ndarray:
+    return np.array([r["loss"] for r in records(out_dir)])
+
+
+# ---- units --------------------------------------------------------------------------------------------
+
+def test_warmup_cosine_schedule():
+    kw = dict(lr=4e-4, min_lr=4e-5, warmup_steps=10, max_steps=110)
+    assert warmup_cosine_lr(0, **kw) == pytest.approx(4e-5)
+    assert warmup_cosine_lr(9, **kw) == pytest.approx(4e-4)
+    assert warmup_cosine_lr(10, **kw) == pytest.approx(4e-4)
+    assert warmup_cosine_lr(60, **kw) == pytest.approx((4e-4 + 4e-5) / 2)
+    assert warmup_cosine_lr(110, **kw) == pytest.approx(4e-5) and warmup_cosine_lr(500, **kw) == 4e-5
+
+
+def test_deepspeed_config_checks(tmp_path):
+    config = load_deepspeed_config(ds_config(tmp_path / "a.json", 4, 2), data_parallel_size=3)
+    assert config["train_batch_size"] == 24
+    with pytest.raises(ValueError, match="train_batch_size 16 != .* data-parallel size 3"):
+        load_deepspeed_config(ds_config(tmp_path / "b.json", 4, 2, train_batch_size=16), data_parallel_size=3)
+    with pytest.raises(ValueError, match="remove the 'optimizer' section"):
+        load_deepspeed_config(ds_config(tmp_path / "c.json", 4, 1, optimizer={"type": "Adam"}), 1)
+    with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu must be a positive integer"):
+        load_deepspeed_config(ds_config(tmp_path / "d.json", 0, 1), 1)
+
+
+# ---- end to end ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def reference_run(corpus, tmp_path_factory):
+    """One rank, micro-batch 2 x 2 accumulation steps: the curve the other layouts must reproduce."""
+    out = tmp_path_factory.mktemp("single")
+    launch("python", 1, train_args(corpus, out, ds_config(out / "ds.json", 2, 2)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def dp2_run(corpus, tmp_path_factory):
+    """ZeRO-3 over 2 data-parallel ranks from the deepspeed launcher (micro-batch 2, no accumulation)."""
+    out = tmp_path_factory.mktemp("dp2")
+    launch("deepspeed", 2, train_args(corpus, out, ds_config(out / "ds.json", 2, 1)))
+    return out
+
+
+def test_single_rank_trains_logs_and_checkpoints(corpus, reference_run):
+    train = records(reference_run)
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1))
+    assert losses(reference_run)[-3:].mean() < losses(reference_run)[:3].mean() - 0.5  # it learns
+    # The first step's goldfish statistics, recomputed from its rows with the public API.
+    data = PackedTokenDataset(str(corpus / "train"), 64)
+    rows = list(itertools.islice(iter(ShardedSampler(len(data), micro_batch_size=2, accumulation_steps=2)), 4))
+    labels = torch.stack([data[r] for r in rows])[:, 1:]
+    dropped = goldfish_mask(labels, GoldfishConfig(k=4, h=13, exempt_ids=(1, 2, 3)))  # BOS, EOS, PAD exempt
+    assert train[0]["drop_rate"] == dropped.sum().item() / labels.numel()
+    assert train[0]["supervised_tokens"] == labels.numel() - dropped.sum().item()
+    last = train[-1]
+    assert last["loss_dropped_tokens"] > 0 and last["loss_all_tokens"] > 0
+    assert last["input_tokens"] == STEPS * 4 * 64 and 0 < last["supervised_tokens"] < last["input_tokens"]
+    val = records(reference_run, "val")
+    assert [r["step"] for r in val] == [10, 20] and val[1]["val_loss"] < val[0]["val_loss"]
+    checkpoints = reference_run / "checkpoints"
+    assert (checkpoints / "latest").read_text() == f"step_{STEPS:08d}"
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000015", "step_00000020"]  # keep 2
+
+
+def test_layouts_reproduce_the_single_rank_curve(corpus, reference_run, dp2_run, tmp_path):
+    """ZeRO-3 with TP=2 x DP=1 (mpirun), TP=1 x DP=2 (deepspeed launcher), TP=2 x DP=2 (mpirun -np 4)."""
+    tp2 = tmp_path / "tp2"
+    launch("mpirun", 2, train_args(corpus, tp2, ds_config(tmp_path / "tp2.json", 2, 2), "--tensor_parallel", "2"))
+    tp2dp2 = tmp_path / "tp2dp2"
+    launch("mpirun", 4, train_args(corpus, tp2dp2, ds_config(tmp_path / "tp2dp2.json", 2, 1), "--tensor_parallel", "2"))
+    reference = losses(reference_run)
+    for run in (tp2, dp2_run, tp2dp2):
+        np.testing.assert_allclose(losses(run), reference, rtol=0, atol=1e-4, err_msg=str(run))
+        assert [r["drop_rate"] for r in records(run)] == [r["drop_rate"] for r in records(reference_run)]
+
+
+@pytest.mark.parametrize("point, step", [("step", 7), ("checkpoint", 10)])
+def test_kill_and_resume_is_exact(corpus, dp2_run, tmp_path, point, step):
+    """SIGKILL rank 1 after step 7, or while it writes the step-10 checkpoint; resume (under torchrun);
+    the loss curve equals the uninterrupted run's bit for bit and no complete checkpoint is lost."""
+    out = tmp_path / "run"
+    args = train_args(corpus, out, ds_config(tmp_path / "ds.json", 2, 1))
+    crashed = launch("deepspeed", 2, args, expect_ok=False, env={"GOLDFISH_DS_CRASH": f"{point}:{step}:1"})
+    assert crashed.returncode != 0
+    checkpoints = out / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step_00000005"
+    if point == "checkpoint":
+        assert (checkpoints / "step_00000010.partial").is_dir() and not (checkpoints / "step_00000010").exists()
+    launch("torchrun", 2, args + ["--resume"])
+    assert not list(checkpoints.glob("*.partial"))
+    assert [r["step"] for r in records(out)] == list(range(1, STEPS + 1))
+    assert losses(out).tolist() == losses(dp2_run).tolist()
+    assert records(out, "val") == records(dp2_run, "val")
+
+
+def test_resume_refuses_other_goldfish_settings(corpus, reference_run, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(reference_run, out)
+    result = launch("python", 1, train_args(corpus, out, str(reference_run / "ds.json"), "--resume",
+                                            "--goldfish_k", "3", "--max_steps", "25"), expect_ok=False)
+    assert result.returncode != 0 and "goldfish settings" in result.stderr
+
+
+def test_export_loads_in_transformers(corpus, reference_run, tmp_path):
+    """--export_hf after a resume at the last step: HF transformers reads the model and tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "copy"
+    shutil.copytree(reference_run, out)
+    launch("python", 1, train_args(corpus, out, str(reference_run / "ds.json"), "--resume", "--export_hf"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(out / "hf", local_files_only=True)
+    tok = load_tokenizer(str(out / "hf" / "tokenizer.model"))
+    ids = torch.tensor([[tok.bos_id] + tok.encode("The with statement is used to wrap the execution")])
+    with torch.no_grad():
+        loss = model(ids, labels=ids).loss.item()
+    assert loss < records(reference_run)[0]["loss"] - 0.5  # the trained weights, not the initialisation
+
+
+BAD_INPUTS = {
+    "goldfish k of 1": (["--goldfish_k", "1"], "k must be an integer >= 2"),
+    "missing shard": ("missing", "is missing"),
+    "corrupt shard": ("truncated", "is corrupt"),
+    "tokenizer larger than the model": (["--model_config", "small-vocab"], "more than the model's vocab_size"),
+    "batch sizes vs world size": ("batch", "train_batch_size 64 != "),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_a_clear_error_before_training(corpus, tmp_path, case):
+    change, message = BAD_INPUTS[case]
+    data = tmp_path / "train"
+    shutil.copytree(corpus / "train", data)
+    config = ds_config(tmp_path / "ds.json", 2, 1)
+    extra = []
+    if change == "missing":
+        (data / "tokens_00000.bin").unlink()
+    elif change == "truncated":
+        shard = data / "tokens_00000.bin"
+        shard.write_bytes(shard.read_bytes()[:-10])
+    elif change == "batch":
+        config = ds_config(tmp_path / "ds.json", 2, 1, train_batch_size=64)
+    elif change[1] == "small-vocab":
+        small = json.loads((corpus / "model.json").read_text())
+        (tmp_path / "small.json").write_text(json.dumps({**small, "vocab_size": 1024}))
+        extra = ["--model_config", str(tmp_path / "small.json")]
+    else:
+        extra = change
+    args = train_args(corpus, tmp_path / "out", config) + extra
+    args[args.index("--data") + 1] = str(data)
+    result = launch("python", 1, args, expect_ok=False)
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("name, world", [("tiny_cpu", 1), ("tinyllama-1.1b_8gpu", 8), ("llama-2-7b_2x8gpu", 16)])
+def test_shipped_run_configs_are_consistent(name, world, monkeypatch):
+    """configs/train/*.json parse, name existing model and DeepSpeed configs, and fit their world sizes."""
+    from goldfish_ds.models import LlamaConfig
+    from goldfish_ds.training import parse_args
+
+    monkeypatch.chdir(REPO)
+    args = parse_args(["--config", f"configs/train/{name}.json"])
+    cfg = LlamaConfig.from_json(args.model_config)
+    assert cfg.num_key_value_heads % args.tensor_parallel == 0 and world % args.tensor_parallel == 0
+    ds = load_deepspeed_config(args.deepspeed_config, data_parallel_size=world // args.tensor_parallel)
+    assert ds["train_batch_size"] % (world // args.tensor_parallel) == 0
