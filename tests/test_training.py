@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from distributed import free_port
 from test_launchers import launcher
 
@@ -202,6 +203,15 @@ def test_export_loads_in_transformers(corpus, reference_run, tmp_path):
     with torch.no_grad():
         loss = model(ids, labels=ids).loss.item()
     assert loss < records(reference_run)[0]["loss"] - 0.5  # the trained weights, not the initialisation
+    # The export command reads a checkpoint back: step 20 gives the same tensors; step 15 others.
+    for tag in ("step_00000020", "step_00000015"):
+        subprocess.run([sys.executable, str(REPO / "scripts" / "export_hf.py"), "--out_dir", str(out), "--tag", tag],
+                       check=True, capture_output=True, timeout=600)
+    final, same, older = (load_file(out / d / "model.safetensors") for d in ("hf", "hf-step_00000020",
+                                                                           "hf-step_00000015"))
+    assert final.keys() == same.keys() == older.keys()
+    assert all(torch.equal(final[k], same[k]) for k in final)
+    assert not torch.equal(final["model.norm.weight"], older["model.norm.weight"])
 
 
 BAD_INPUTS = {
