@@ -21,18 +21,16 @@ at::Tensor goldfish_mask_cpu(const at::Tensor& labels, int64_t strategy, int64_t
   return dropped;
 }
 
-// labels with the dropped positions set to ignore_index (torch's masked_fill costs ~4 ns per element here).
-at::Tensor apply_mask_cpu(const at::Tensor& labels, const at::Tensor& dropped, int64_t ignore_index) {
-  check_apply_mask_args(labels, dropped);
-  const at::Tensor y = labels.contiguous(), d = dropped.contiguous();
-  at::Tensor out = at::empty_like(y);
-  const int64_t* src = y.data_ptr<int64_t>();
-  const uint8_t* mask = reinterpret_cast<const uint8_t*>(d.data_ptr<bool>());
-  int64_t* dst = out.data_ptr<int64_t>();
-  at::parallel_for(0, y.numel(), 1 << 16, [src, mask, dst, ignore_index](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) dst[i] = mask[i] ? ignore_index : src[i];
-  });
-  return out;
+// labels with the dropped positions set to ignore_index, in one pass (no mask tensor in between).
+at::Tensor apply_goldfish_cpu_op(const at::Tensor& labels, int64_t strategy, int64_t k, int64_t h,
+                                 int64_t start_position, int64_t ignore_index, bool preceding,
+                                 const c10::optional<at::Tensor>& table_bits,
+                                 const c10::optional<at::Tensor>& exempt_ids, int64_t seed, int64_t step) {
+  const MaskParams p =
+      make_mask_params(labels, strategy, k, h, start_position, ignore_index, preceding, table_bits, exempt_ids, seed, step);
+  at::Tensor masked = at::empty_like(labels);
+  apply_goldfish_cpu(p, labels.data_ptr<int64_t>(), masked.data_ptr<int64_t>(), labels.size(0), labels.size(1));
+  return masked;
 }
 
 // Runs the CPU cross-entropy kernel; grad may be undefined (forward only) or alias logits (in place).
@@ -140,6 +138,9 @@ TORCH_LIBRARY(goldfish_ds, m) {
   m.def(
       "goldfish_mask(Tensor labels, int strategy, int k, int h, int start_position, int ignore_index, "
       "bool preceding, Tensor? table_bits, Tensor? exempt_ids, int seed, int step) -> Tensor");
+  m.def(
+      "apply_goldfish(Tensor labels, int strategy, int k, int h, int start_position, int ignore_index, "
+      "bool preceding, Tensor? table_bits, Tensor? exempt_ids, int seed, int step) -> Tensor");
   m.def("cross_entropy_loss(Tensor logits, Tensor labels, Tensor? dropped, int ignore_index, bool dropped_loss) -> Tensor");
   m.def(
       "cross_entropy_loss_grad(Tensor logits, Tensor labels, Tensor? dropped, int ignore_index, bool dropped_loss, "
@@ -148,7 +149,6 @@ TORCH_LIBRARY(goldfish_ds, m) {
       "cross_entropy_loss_grad_(Tensor(a!) logits, Tensor labels, Tensor? dropped, int ignore_index, "
       "bool dropped_loss, Tensor grad_scale) -> Tensor");
   m.def("scale_rows_(Tensor(a!) grad, Tensor scale) -> ()");
-  m.def("apply_mask(Tensor labels, Tensor dropped, int ignore_index) -> Tensor");
   m.def("vocab_parallel_stats(Tensor logits, Tensor local_labels, Tensor? skip) -> (Tensor, Tensor)");
   m.def("vocab_parallel_grad(Tensor logits, Tensor local_labels, Tensor? skip, Tensor lse, Tensor grad_scale) -> Tensor");
   m.def(
@@ -158,11 +158,11 @@ TORCH_LIBRARY(goldfish_ds, m) {
 
 TORCH_LIBRARY_IMPL(goldfish_ds, CPU, m) {
   m.impl("goldfish_mask", &goldfish_mask_cpu);
+  m.impl("apply_goldfish", &apply_goldfish_cpu_op);
   m.impl("cross_entropy_loss", &cross_entropy_loss_cpu);
   m.impl("cross_entropy_loss_grad", &cross_entropy_loss_grad_cpu);
   m.impl("cross_entropy_loss_grad_", &cross_entropy_loss_grad_inplace_cpu);
   m.impl("scale_rows_", &scale_rows_inplace_cpu);
-  m.impl("apply_mask", &apply_mask_cpu);
   m.impl("vocab_parallel_stats", &vocab_parallel_stats_cpu_op);
   m.impl("vocab_parallel_grad", &vocab_parallel_grad_cpu_op);
   m.impl("vocab_parallel_grad_", &vocab_parallel_grad_inplace_cpu_op);

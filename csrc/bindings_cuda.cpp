@@ -87,9 +87,14 @@ at::Tensor cross_entropy_loss_grad_inplace_cuda(at::Tensor& logits, const at::Te
   return row_loss;
 }
 
-// On the GPU torch's where is already one bandwidth-bound pass.
-at::Tensor apply_mask_cuda(const at::Tensor& labels, const at::Tensor& dropped, int64_t ignore_index) {
-  check_apply_mask_args(labels, dropped);
+// The mask kernel, then torch's where (on the GPU already one bandwidth-bound pass).
+at::Tensor apply_goldfish_cuda(const at::Tensor& labels, int64_t strategy, int64_t k, int64_t h,
+                               int64_t start_position, int64_t ignore_index, bool preceding,
+                               const c10::optional<at::Tensor>& table_bits, const c10::optional<at::Tensor>& exempt_ids,
+                               int64_t seed, int64_t step) {
+  const at::Tensor dropped = goldfish_mask_cuda(labels, strategy, k, h, start_position, ignore_index, preceding,
+                                                table_bits, exempt_ids, seed, step);
+  const c10::cuda::CUDAGuard guard(labels.device());
   return at::where(dropped, at::scalar_tensor(ignore_index, labels.options()), labels);
 }
 
@@ -151,11 +156,11 @@ void vocab_parallel_grad_inplace_cuda_op(at::Tensor& logits, const at::Tensor& l
 
 TORCH_LIBRARY_IMPL(goldfish_ds, CUDA, m) {
   m.impl("goldfish_mask", &goldfish_mask_cuda);
+  m.impl("apply_goldfish", &apply_goldfish_cuda);
   m.impl("cross_entropy_loss", &cross_entropy_loss_cuda);
   m.impl("cross_entropy_loss_grad", &cross_entropy_loss_grad_cuda);
   m.impl("cross_entropy_loss_grad_", &cross_entropy_loss_grad_inplace_cuda);
   m.impl("scale_rows_", &scale_rows_inplace_cuda);
-  m.impl("apply_mask", &apply_mask_cuda);
   m.impl("vocab_parallel_stats", &vocab_parallel_stats_cuda_op);
   m.impl("vocab_parallel_grad", &vocab_parallel_grad_cuda_op);
   m.impl("vocab_parallel_grad_", &vocab_parallel_grad_inplace_cuda_op);

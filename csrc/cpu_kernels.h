@@ -9,6 +9,9 @@ namespace goldfish {
 // dropped[r, t] for labels [rows, T] (contiguous int64); see position_dropped() in goldfish_hash.h.
 void mask_cpu(const MaskParams& params, const int64_t* labels, bool* dropped, int64_t rows, int64_t T);
 
+// masked[r, t] = dropped[r, t] ? ignore_index : labels[r, t], in the same pass as the mask.
+void apply_goldfish_cpu(const MaskParams& params, const int64_t* labels, int64_t* masked, int64_t rows, int64_t T);
+
 // Fused masked cross-entropy over logits [N, V] (contiguous rows); same contract as
 // launch_cross_entropy_cuda in cuda_kernels.h. scalar_t is float, c10::BFloat16 or c10::Half.
 template <typename scalar_t>

@@ -135,15 +135,6 @@ inline void check_row_floats(const at::Tensor& t, const at::Tensor& logits, cons
   check_same_device(t, logits, name, "logits");
 }
 
-inline void check_apply_mask_args(const at::Tensor& labels, const at::Tensor& dropped) {
-  TORCH_CHECK(labels.scalar_type() == at::kLong, "goldfish_ds: labels must be int64 (torch.long), got ",
-              labels.scalar_type());
-  TORCH_CHECK(dropped.scalar_type() == at::kBool && dropped.sizes() == labels.sizes(),
-              "goldfish_ds: dropped must be a bool tensor of the labels' shape ", labels.sizes(), ", got ",
-              dropped.scalar_type(), " of shape ", dropped.sizes());
-  check_same_device(dropped, labels, "dropped", "labels");
-}
-
 inline void check_grad_scale(const at::Tensor& grad_scale, const at::Tensor& logits) {
   TORCH_CHECK(grad_scale.scalar_type() == at::kFloat && grad_scale.numel() == 1,
               "goldfish_ds: grad_scale must be a float32 tensor with one element, got ", grad_scale.scalar_type(),

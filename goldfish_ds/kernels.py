@@ -47,6 +47,11 @@ def _(labels, strategy, k, h, start_position, ignore_index, preceding, table_bit
     return torch.empty_like(labels, dtype=torch.bool)
 
 
+@torch.library.register_fake("goldfish_ds::apply_goldfish")
+def _(labels, strategy, k, h, start_position, ignore_index, preceding, table_bits, exempt_ids, seed, step):
+    return torch.empty_like(labels)
+
+
 @torch.library.register_fake("goldfish_ds::cross_entropy_loss")
 def _(logits, labels, dropped, ignore_index, dropped_loss):
     return logits.new_empty(logits.shape[0], dtype=torch.float32)
@@ -83,6 +88,3 @@ def _(logits, local_labels, skip, lse, grad_scale):
     return None
 
 
-@torch.library.register_fake("goldfish_ds::apply_mask")
-def _(labels, dropped, ignore_index):
-    return torch.empty_like(labels)

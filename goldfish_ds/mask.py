@@ -27,6 +27,17 @@ def _exempt_tensor(ids: Tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.int64, device=device)  # sorted by GoldfishConfig
 
 
+def _run(op, labels: torch.Tensor, cfg: GoldfishConfig, step: int) -> torch.Tensor:
+    """Calls a mask operator (goldfish_mask or apply_goldfish: same arguments) on labels' rows."""
+    rows = _as_rows(labels)
+    check_device_supported(rows.device)
+    table_bits = hash_table_bits(rows.device, cfg.k, cfg.table_path) if cfg.strategy == "hash-table" else None
+    exempt = _exempt_tensor(cfg.exempt_ids, rows.device) if cfg.exempt_ids else None
+    out = op(rows, cfg.strategy_code, cfg.k, cfg.h, cfg.start_position, cfg.ignore_index, cfg.window == "preceding",
+             table_bits, exempt, cfg.seed, step)
+    return out.reshape(labels.shape)
+
+
 def goldfish_mask(labels: torch.Tensor, cfg: GoldfishConfig, step: int = 0) -> torch.Tensor:
     """Positions the goldfish loss drops (True = dropped), computed per row.
 
@@ -35,19 +46,13 @@ def goldfish_mask(labels: torch.Tensor, cfg: GoldfishConfig, step: int = 0) -> t
     step: only the "random" strategy uses it (a new mask every step).
     Returns a bool tensor of labels' shape, on labels' device.
     """
-    rows = _as_rows(labels)
-    check_device_supported(rows.device)
-    table_bits = hash_table_bits(rows.device, cfg.k, cfg.table_path) if cfg.strategy == "hash-table" else None
-    exempt = _exempt_tensor(cfg.exempt_ids, rows.device) if cfg.exempt_ids else None
-    dropped = ops.goldfish_mask(rows, cfg.strategy_code, cfg.k, cfg.h, cfg.start_position, cfg.ignore_index,
-                                cfg.window == "preceding", table_bits, exempt, cfg.seed, step)
-    return dropped.reshape(labels.shape)
+    return _run(ops.goldfish_mask, labels, cfg, step)
 
 
 def apply_goldfish(labels: torch.Tensor, cfg: GoldfishConfig, step: int = 0) -> torch.Tensor:
-    """A copy of `labels` with the dropped positions set to cfg.ignore_index.
+    """A copy of `labels` with the dropped positions set to cfg.ignore_index (one pass on the CPU).
 
     Use it to feed any loss that honours ignore_index (HF models, torch's cross_entropy);
     goldfish_cross_entropy does the same inside its fused kernel.
     """
-    return ops.apply_mask(labels, goldfish_mask(labels, cfg, step), cfg.ignore_index)
+    return _run(ops.apply_goldfish, labels, cfg, step)

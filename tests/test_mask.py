@@ -57,6 +57,25 @@ def test_compiled_mask_equals_reference(strategy, h, window, device):
             assert torch.equal(got, expected), (B, T, vocab)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+@pytest.mark.parametrize("h", [1, 3, 13, 1500])
+def test_extreme_ids_and_chunk_boundaries_equal_reference(strategy, h, device):
+    """Any int64 ids (negative, INT64_MIN/MAX products through the table modulo), rows that end inside a
+    CPU chunk (1024 targets, or h when larger), and apply_goldfish writing exactly the masked positions."""
+    gen = torch.Generator().manual_seed(h)
+    i64 = torch.iinfo(torch.int64)
+    labels = torch.randint(i64.min, i64.max, (3, 3001), generator=gen)
+    labels[1] = torch.randint(-3, 3, (3001,), generator=gen)  # many zero, +-1 and small negative products
+    labels[2, ::3] = torch.tensor([i64.min, i64.max, -1, -100, 1000003, -1000003], dtype=torch.int64)[
+        torch.randint(0, 6, (1001,), generator=gen)]
+    cfg = GoldfishConfig(k=3, h=h, strategy=strategy, exempt_ids=(-1,), start_position=5)
+    expected = reference_goldfish_mask(labels, cfg, step=3)
+    assert torch.equal(goldfish_mask(labels.to(device), cfg, step=3).cpu(), expected)
+    masked = apply_goldfish(labels.to(device), cfg, step=3).cpu()
+    assert torch.equal(masked, torch.where(expected, torch.tensor(-100), labels))
+
+
 @pytest.mark.parametrize("strategy", ["hash-table", "hash-avalanche", "hash-rolling"])
 def test_same_passage_same_mask_at_any_offset(strategy):
     """The goldfish property: a passage gets the same mask wherever it recurs (past its first h-1 tokens)."""
@@ -220,8 +239,8 @@ def test_compiled_op_checks_its_arguments():
         op(labels, 0, 4, 13, 0, -100, False, torch.zeros(10, dtype=torch.int64), None, 0, 0)
     with pytest.raises(RuntimeError, match="labels must be int64"):
         op(labels.float(), 1, 4, 13, 0, -100, False, None, None, 0, 0)
-    with pytest.raises(RuntimeError, match="dropped must be a bool tensor of the labels' shape"):
-        torch.ops.goldfish_ds.apply_mask(labels, torch.zeros(2, 4, dtype=torch.bool), -100)
+    with pytest.raises(RuntimeError, match="k must be an integer >= 2"):
+        torch.ops.goldfish_ds.apply_goldfish(labels, 1, 1, 13, 0, -100, False, None, None, 0, 0)
 
 
 def test_opcheck_mask():
