@@ -30,6 +30,8 @@ def _columns(results: dict) -> list[tuple[str, Callable[[dict], str]]]:
             cols += [(f"AUC {attack}", lambda r, a=attack: _fmt(r["mia"][a]["auc"]) if "mia" in r else "-"),
                      (f"TPR@1%FPR {attack}",
                       lambda r, a=attack: _fmt(r["mia"][a]["tpr_at_1pct_fpr"]) if "mia" in r else "-")]
+    if any("val_loss" in r for r in runs):  # added by the memorization experiment
+        cols.append(("val loss", lambda r: _fmt(r.get("val_loss"), 4)))
     if any("divergence" in r for r in runs):
         cols += [("divergences on dropped", lambda r: _fmt(r["divergence"]["on_dropped_rate"])
                   if "divergence" in r else "-"),
@@ -95,14 +97,15 @@ def _plot_exact_match(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(results: dict, out_dir: str | Path) -> list[Path]:
-    """Write results.json, summary.md, rougeL_hist.png and exact_match.png into out_dir; returns the paths."""
+def write_report(results: dict, out_dir: str | Path, json_name: str = "results.json") -> list[Path]:
+    """Write results.json (or json_name), summary.md, rougeL_hist.png and exact_match.png into out_dir; returns
+    the paths."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "results.json", out / "summary.md", out / "rougeL_hist.png", out / "exact_match.png"]
+    paths = [out / json_name, out / "summary.md", out / "rougeL_hist.png", out / "exact_match.png"]
     paths[0].write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     paths[1].write_text(summary_markdown(results), encoding="utf-8")
     _plot_rouge_histograms(results, paths[2])

@@ -33,14 +33,15 @@ def export_hf(model: Llama, directory: str, tokenizer_path: str | None) -> None:
         save_hf_llama(model, str(staging))
     if rank == 0:
         if tokenizer_path:
-            _copy_tokenizer(Path(tokenizer_path), staging)
+            copy_tokenizer(Path(tokenizer_path), staging)
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
     dist.barrier()
 
 
-def _copy_tokenizer(source: Path, target: Path) -> None:
+def copy_tokenizer(source: Path, target: Path) -> None:
+    """Copy an HF tokenizer directory's files, or a sentencepiece model as tokenizer.model + tokenizer_config.json."""
     if source.is_dir():
         for name in TOKENIZER_FILES:
             if (source / name).is_file():

@@ -96,9 +96,13 @@ class Job:
         self.goldfish: GoldfishConfig | None = goldfish_config(args, _special_ids(tokenizer))
         self.ignore_index = self.goldfish.ignore_index if self.goldfish else -100
 
-        self.engine = self._build_engine(deepspeed)
         self.sampler = ShardedSampler(len(self.train_set), self.dp_rank, self.dp_size, seed=args.data_seed,
                                       micro_batch_size=self.micro_batch, accumulation_steps=self.accumulation)
+        if self.val_set is not None and len(self.val_set) < self.dp_size * self.micro_batch:
+            raise ValueError(f"validation data {self.val_dir} has {len(self.val_set)} rows of {args.seq_len + 1} "
+                             f"tokens, fewer than one micro-batch per data-parallel rank ({self.dp_size} x "
+                             f"{self.micro_batch})")
+        self.engine = self._build_engine(deepspeed)
         self.checkpoints = CheckpointManager(str(self.out_dir / "checkpoints"), keep=args.keep_checkpoints)
         self.step = 0
         self.input_tokens = self.supervised_tokens = 0
@@ -235,9 +239,6 @@ class Job:
             self.resume()
         logger = MetricsLogger(str(self.out_dir), enabled=self.rank == 0, start_step=self.step,
                                max_steps=args.max_steps, progress=args.progress)
-        if self.val_set is not None and self.val_set and len(self.val_set) < self.dp_size * self.micro_batch:
-            raise ValueError(f"validation data {self.val_dir} has {len(self.val_set)} rows, fewer than one micro-batch "
-                             f"per data-parallel rank ({self.dp_size} x {self.micro_batch})")
         rows = iter(self.sampler)
         while self.step < args.max_steps:
             start = time.perf_counter()
