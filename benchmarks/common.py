@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -13,15 +13,19 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_interleaved(fns: Dict[str, Callable[[], None]], device: str, repeats: int,
-                     setup: Optional[Callable[[], None]] = None) -> Dict[str, float]:
-    """Median seconds of each fn, running them in turn `repeats` times so noise hits them alike.
+def interleaved_samples(fns: Dict[str, Callable[[], None]], device: str, repeats: int,
+                        setup: Optional[Callable[[], None]] = None, warmup: int = 1,
+                        reverse_odd_rounds: bool = False) -> Dict[str, List[float]]:
+    """Seconds of every call of each fn, running them in turn (ABAB...) so noise hits them alike.
 
-    `setup` runs untimed before every call (e.g. to refill a buffer a previous call overwrote).
+    `warmup` rounds run first and are dropped; `setup` runs untimed before every call (e.g. to refill
+    a buffer a previous call overwrote); `reverse_odd_rounds` runs every other round backwards (ABC CBA),
+    so no fn always follows the same one.
     """
     samples = {name: [] for name in fns}
-    for _ in range(repeats + 1):  # the first round warms up and is dropped
-        for name, fn in fns.items():
+    for round_ in range(warmup + repeats):
+        order = list(fns.items())
+        for name, fn in (order[::-1] if reverse_odd_rounds and round_ % 2 else order):
             if setup is not None:
                 setup()
             synchronize(device)
@@ -29,7 +33,14 @@ def time_interleaved(fns: Dict[str, Callable[[], None]], device: str, repeats: i
             fn()
             synchronize(device)
             samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(times[1:]) for name, times in samples.items()}
+    return {name: times[warmup:] for name, times in samples.items()}
+
+
+def time_interleaved(fns: Dict[str, Callable[[], None]], device: str, repeats: int,
+                     setup: Optional[Callable[[], None]] = None) -> Dict[str, float]:
+    """Median seconds of each fn over `repeats` interleaved rounds, after one dropped warm-up round."""
+    samples = interleaved_samples(fns, device, repeats, setup)
+    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def print_table(header: list, rows: list) -> None:
