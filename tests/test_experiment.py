@@ -25,4 +25,6 @@ def test_goldfish_prevents_verbatim_memorization(tmp_path):
     assert control["exact_match_rate"] == 0.0 and control["rougeL_mean"] < goldfish["rougeL_mean"]
     # members are recognisable after 100 epochs: the loss attack separates them from held-out documents
     assert standard["mia"]["loss"]["auc"] > 0.9
+    # the untrained control cannot tell members from held-out documents of the same length
+    assert all(0.2 < control["mia"][attack]["auc"] < 0.8 for attack in ("loss", "zlib", "min_k"))
     assert (out / "summary.md").is_file() and (out / "runs" / "standard" / "checkpoints" / "latest").is_file()

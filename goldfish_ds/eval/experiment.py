@@ -148,8 +148,10 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     special = tuple(i for i in (tok.bos_id, tok.eos_id, tok.pad_id) if i is not None)
     k, h = cfg.goldfish[0] if cfg.goldfish else (4, 13)
     divergence_mask = GoldfishConfig(k=k, h=h, strategy=cfg.goldfish_strategy, exempt_ids=special)
+    # Non-members are cut to the members' length (a row), or length alone would separate them.
     results = evaluate_models(models, root / "data" / "train" / "canary.jsonl", nonmembers=heldout, n=cfg.suffix_len,
-                              num_beams=cfg.num_beams, goldfish=divergence_mask, progress=cfg.progress)
+                              num_beams=cfg.num_beams, goldfish=divergence_mask, max_length=cfg.seq_len + 1,
+                              progress=cfg.progress)
     for name, run in results["runs"].items():
         metrics = root / "runs" / name / "metrics.jsonl"
         if metrics.is_file():
