@@ -92,6 +92,8 @@ def vocab_parallel_goldfish_cross_entropy(
     check_device_supported(local_logits.device)
     group = default_tensor_parallel_group(group)
     rank, world = group_rank_and_size(group)
+    if world == 1:
+        group = None  # one shard holds the whole vocabulary: nothing to communicate
     shard = local_logits.shape[-1]
     ignore_index = cfg.ignore_index if cfg is not None else -100
 

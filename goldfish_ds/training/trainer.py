@@ -187,7 +187,7 @@ class Job:
 
     def train_step(self, rows: Iterator[int]) -> dict:
         """One optimizer step (accumulation micro-batches); returns its metrics, summed over DP ranks."""
-        sums = torch.zeros(5, dtype=torch.float64)  # kept, dropped, kept loss, dropped loss, input tokens
+        sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # kept, dropped, kept/dropped loss, inputs
         lr = self.engine.get_lr()[0]
         for _ in range(self.accumulation):
             inputs, labels = self._batch(rows, self.train_set)
@@ -199,8 +199,8 @@ class Job:
             sums += torch.stack([stats.kept_tokens.double(), stats.dropped_tokens.double(),
                                  stats.loss_kept.double() * stats.kept_tokens,
                                  stats.loss_dropped_tokens.double() * stats.dropped_tokens,
-                                 torch.tensor(float(inputs.numel()), dtype=torch.float64)]).cpu()
-        dist.all_reduce(sums, group=data_parallel_group())
+                                 torch.tensor(float(inputs.numel()), dtype=torch.float64, device=self.device)])
+        dist.all_reduce(sums, group=data_parallel_group())  # one host sync per optimizer step, below
         kept, dropped, kept_loss, dropped_loss, inputs_seen = sums.tolist()
         self.step += 1
         self.input_tokens += int(inputs_seen)
