@@ -262,3 +262,13 @@ def test_shipped_run_configs_are_consistent(name, world, monkeypatch):
     assert cfg.num_key_value_heads % args.tensor_parallel == 0 and world % args.tensor_parallel == 0
     ds = load_deepspeed_config(args.deepspeed_config, data_parallel_size=world // args.tensor_parallel)
     assert ds["train_batch_size"] % (world // args.tensor_parallel) == 0
+
+
+def test_bf16_on_cpu_follows_the_fp32_curve(corpus, reference_run, tmp_path):
+    """ZeRO-3 with bf16 enabled in the DeepSpeed config: bf16 weights and logits, fp32 loss; the curve stays within
+    bf16 rounding of the fp32 run's over the first 6 steps (5 warmup steps + the peak: the same learning rates)."""
+    out = tmp_path / "bf16"
+    config = ds_config(tmp_path / "bf16.json", 2, 2, bf16={"enabled": True})
+    launch("python", 1, train_args(corpus, out, config, "--max_steps", "6", "--eval_interval", "0"))
+    np.testing.assert_allclose(losses(out), losses(reference_run)[:6], rtol=0.01)
+    assert not np.allclose(losses(out), losses(reference_run)[:6], rtol=1e-6, atol=0)  # really ran in bf16
