@@ -99,9 +99,13 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.tensor_model_parallel = True
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if ids.numel() and (ids.min() < 0 or ids.max() >= self.num_embeddings):
-            raise ValueError(f"VocabParallelEmbedding: ids must be in [0, {self.num_embeddings}), got "
-                             f"[{ids.min().item()}, {ids.max().item()}]")
+        if ids.numel():
+            low, high = torch.stack(torch.aminmax(ids)).tolist()  # one host sync
+            if low < 0 or high >= self.num_embeddings:
+                raise ValueError(f"VocabParallelEmbedding: ids must be in [0, {self.num_embeddings}), got "
+                                 f"[{low}, {high}]")
+        if self.per_rank == self.padded_num_embeddings:  # one rank holds the whole table
+            return F.embedding(ids, self.weight)
         local = ids - self.vocab_start
         outside = (local < 0) | (local >= self.per_rank)
         out = F.embedding(local.masked_fill(outside, 0), self.weight)
