@@ -214,6 +214,11 @@ def test_export_loads_in_transformers(corpus, reference_run, tmp_path):
     assert final.keys() == same.keys() == older.keys()
     assert all(torch.equal(final[k], same[k]) for k in final)
     assert not torch.equal(final["model.norm.weight"], older["model.norm.weight"])
+    # Continued pretraining from the export starts where the run ended, not from a fresh initialisation.
+    cont = tmp_path / "continued"
+    launch("python", 1, train_args(corpus, cont, str(reference_run / "ds.json"), "--init_from_hf", str(out / "hf"),
+                                   "--max_steps", "1", "--eval_interval", "0"))
+    assert losses(cont)[0] < records(reference_run)[0]["loss"] - 0.5
 
 
 BAD_INPUTS = {
