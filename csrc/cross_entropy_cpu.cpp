@@ -29,18 +29,21 @@ constexpr float kMaxExponent = 64.f;      // exp(64) * V stays far below float32
 // exp(x) for x <= kMaxExponent, in generic at::vec operations and cheaper than Vec::exp(): 2^n * 2^f with
 // n = round(x * log2(e)) and 2^f from Cephes' exp2f polynomial on [-0.5, 0.5] (relative error ~2e-7).
 // Inputs below about -87 give about 2^-126 instead of a denormal or 0, which is negligible: the row's sum
-// of exponentials is at least exp(-kMaxExponent).
+// of exponentials is at least exp(-kMaxExponent). NaN propagates.
 Vec exp_bounded(Vec x) {
-  const Vec t = at::vec::maximum(x * Vec(1.44269504088896341f), Vec(-126.f));
-  const Vec n = t.round();
-  const Vec f = t - n;
+  // Adding 1.5 * 2^23 rounds t to the nearest integer n, which then sits in the low mantissa bits of `shifted`.
+  constexpr float kRoundingShift = 12582912.f;
+  const Vec t = at::vec::clamp_min(x * Vec(1.44269504088896341f), Vec(-126.f));  // keeps a NaN t
+  const Vec shifted = t + Vec(kRoundingShift);
+  const Vec f = t - (shifted - Vec(kRoundingShift));
   Vec p = at::vec::fmadd(Vec(1.535336188319500e-4f), f, Vec(1.339887440266574e-3f));
   p = at::vec::fmadd(p, f, Vec(9.618437357674640e-3f));
   p = at::vec::fmadd(p, f, Vec(5.550332471162809e-2f));
   p = at::vec::fmadd(p, f, Vec(2.402264791363012e-1f));
   p = at::vec::fmadd(p, f, Vec(6.931472028550421e-1f));
   p = at::vec::fmadd(p, f, Vec(1.f));
-  const auto exponent = (at::vec::convert_to_int_of_same_size(n) + at::vec::Vectorized<int32_t>(127))
+  // 2^n: n + 127 in the exponent field (the shift drops the high bits of 1.5 * 2^23).
+  const auto exponent = (at::vec::cast<int32_t>(shifted) + at::vec::Vectorized<int32_t>(127))
                         << at::vec::Vectorized<int32_t>(23);
   return p * at::vec::cast<float>(exponent);
 }
@@ -79,7 +82,8 @@ std::pair<float, float> exp_block(const scalar_t* x, float* e, int64_t n, float 
       __builtin_prefetch(reinterpret_cast<const char*>(x + j + kAhead) + line);
     }
     const auto [a, b] = load_two(x + j);
-    vmax = at::vec::maximum(vmax, at::vec::maximum(a, b));
+    // clamp_min is a plain max: it skips a NaN element, whose NaN still reaches the sum and so the loss.
+    vmax = at::vec::clamp_min(at::vec::clamp_min(vmax, a), b);
     const Vec ea = exp_bounded(a - vref), eb = exp_bounded(b - vref);
     ea.store(e + j);
     eb.store(e + j + Vec::size());
@@ -106,7 +110,7 @@ std::pair<float, float> online_softmax(const scalar_t* x, int64_t V, float* e, f
   for (int64_t b0 = 0, b = 0; b0 < V; b0 += kBlock, ++b) {
     const int64_t n = std::min(kBlock, V - b0);
     auto [bm, bs] = exp_block(x + b0, e + b0, n, R);
-    if (!(bm <= R + kMaxExponent)) {  // also taken for NaN, which then propagates to the loss
+    if (bm > R + kMaxExponent) {  // bm skips NaN elements; their NaN reaches S, and so the loss
       S *= std::exp(R - bm);
       R = bm;
       bs = exp_block(x + b0, e + b0, n, R).second;
