@@ -97,7 +97,8 @@ def save_hf_llama(model: Llama, directory: str) -> None:
     if rank == 0:
         root = Path(directory)
         root.mkdir(parents=True, exist_ok=True)
-        (root / "config.json").write_text(json.dumps(model.cfg.to_hf_dict(), indent=2))
+        dtype = str(model.norm.weight.dtype).removeprefix("torch.")  # the dtype the tensors are saved in
+        (root / "config.json").write_text(json.dumps({**model.cfg.to_hf_dict(), "torch_dtype": dtype}, indent=2))
         save_file({k: v.contiguous() for k, v in state.items()}, str(root / "model.safetensors"),
                   metadata={"format": "pt"})
 
