@@ -25,6 +25,7 @@ from goldfish_ds.eval import (
     summary_markdown,
     write_report,
 )
+from goldfish_ds.training.arguments import parse_exempt_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -32,20 +33,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def parse_model(spec: str) -> tuple:
     name, sep, directory = spec.partition("=")
     return (name, directory) if sep else (Path(spec.rstrip("/")).name, spec)
-
-
-def exempt_ids(spec: str, model_dir: str, tokenizer: str | None) -> tuple:
-    """--goldfish_exempt_ids as the pretraining job reads it."""
-    if spec == "special":
-        tok = load_model_tokenizer(model_dir, tokenizer)
-        return tuple(sorted({tok.bos_id, tok.eos_id, tok.pad_id} - {None}))
-    if spec in ("none", ""):
-        return ()
-    try:
-        return tuple(int(x) for x in spec.split(","))
-    except ValueError:
-        raise SystemExit(f"--goldfish_exempt_ids must be 'special', 'none' or comma-separated ids, "
-                         f"got {spec!r}") from None
 
 
 def main() -> None:
@@ -87,10 +74,14 @@ def main() -> None:
         parser.error("--model names must be distinct")
     goldfish = None
     if args.goldfish_k is not None:
+        special = (load_model_tokenizer(next(iter(models.values())), args.tokenizer).special_ids
+                   if args.goldfish_exempt_ids.strip() == "special" else ())
+        try:
+            exempt = parse_exempt_ids(args.goldfish_exempt_ids, special)
+        except ValueError as e:
+            parser.error(str(e))
         goldfish = GoldfishConfig(k=args.goldfish_k, h=args.goldfish_h, strategy=args.goldfish_strategy,
-                                  window=args.goldfish_window,
-                                  exempt_ids=exempt_ids(args.goldfish_exempt_ids, next(iter(models.values())),
-                                                        args.tokenizer))
+                                  window=args.goldfish_window, exempt_ids=exempt)
     results = evaluate_models(models, args.documents, nonmembers=args.nonmembers, num_docs=args.num_docs,
                               n=args.suffix_len, prefix_len=args.prefix_len, batch_size=args.batch_size,
                               num_beams=args.num_beams if args.beam_search else None, goldfish=goldfish,

@@ -41,6 +41,11 @@ class Tokenizer:
             return self._sp.encode(text)
         return self._hf.encode(text, add_special_tokens=False)
 
+    @property
+    def special_ids(self) -> tuple[int, ...]:
+        """BOS, EOS and PAD ids (those the tokenizer has), sorted: the ids the goldfish loss exempts by default."""
+        return tuple(sorted({self.bos_id, self.eos_id, self.pad_id} - {None}))
+
     def encode_document(self, text: str) -> list[int]:
         """A document as the data pipeline stores it: BOS + encode(text) + EOS (each where the tokenizer has one)."""
         prefix = [self.bos_id] if self.bos_id is not None else []

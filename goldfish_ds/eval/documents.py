@@ -47,7 +47,7 @@ def decode_text(ids: Sequence[int], tokenizer: Tokenizer | None) -> str:
     """
     if tokenizer is None:
         return " ".join(str(i) for i in ids)
-    special = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id} - {None}
+    special = tokenizer.special_ids
     return tokenizer.decode([i for i in ids if i not in special])
 
 

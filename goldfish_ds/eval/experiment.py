@@ -145,9 +145,8 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     models["control"] = export_control(cfg, tokenizer)
 
     tok = load_tokenizer(str(tokenizer))
-    special = tuple(i for i in (tok.bos_id, tok.eos_id, tok.pad_id) if i is not None)
     k, h = cfg.goldfish[0] if cfg.goldfish else (4, 13)
-    divergence_mask = GoldfishConfig(k=k, h=h, strategy=cfg.goldfish_strategy, exempt_ids=special)
+    divergence_mask = GoldfishConfig(k=k, h=h, strategy=cfg.goldfish_strategy, exempt_ids=tok.special_ids)
     # Non-members are cut to the members' length (a row), or length alone would separate them.
     results = evaluate_models(models, root / "data" / "train" / "canary.jsonl", nonmembers=heldout, n=cfg.suffix_len,
                               num_beams=cfg.num_beams, goldfish=divergence_mask, max_length=cfg.seq_len + 1,

@@ -82,25 +82,21 @@ class _GatherFromRegion(torch.autograd.Function):
         return _split_last(grad, ctx.group), None
 
 
-def _group(group: Optional[dist.ProcessGroup]) -> Optional[dist.ProcessGroup]:
-    return default_tensor_parallel_group(group)
-
-
 def copy_to_tensor_parallel_region(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
     """Forward: identity (nothing sent). Backward: all-reduce (sum) of the gradient, E elements."""
-    return _CopyToRegion.apply(x, _group(group))
+    return _CopyToRegion.apply(x, default_tensor_parallel_group(group))
 
 
 def reduce_from_tensor_parallel_region(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
     """Forward: all-reduce (sum), E elements. Backward: identity (nothing sent)."""
-    return _ReduceFromRegion.apply(x, _group(group))
+    return _ReduceFromRegion.apply(x, default_tensor_parallel_group(group))
 
 
 def scatter_to_tensor_parallel_region(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
     """Forward: keep this rank's slice of the last dimension (nothing sent). Backward: all-gather, E elements."""
-    return _ScatterToRegion.apply(x, _group(group))
+    return _ScatterToRegion.apply(x, default_tensor_parallel_group(group))
 
 
 def gather_from_tensor_parallel_region(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
     """Forward: all-gather along the last dimension, tp x E elements. Backward: keep this rank's slice."""
-    return _GatherFromRegion.apply(x, _group(group))
+    return _GatherFromRegion.apply(x, default_tensor_parallel_group(group))

@@ -125,21 +125,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def parse_exempt_ids(spec: str, special_ids: tuple) -> tuple:
+    """--goldfish_exempt_ids: 'special' (the given special_ids), 'none', or comma-separated integers."""
+    spec = str(spec).strip()
+    if spec == "special":
+        return tuple(sorted(set(special_ids)))
+    if spec in ("none", ""):
+        return ()
+    try:
+        return tuple(int(x) for x in spec.split(","))
+    except ValueError:
+        raise ValueError(f"--goldfish_exempt_ids must be 'special', 'none' or comma-separated integers, "
+                         f"got {spec!r}") from None
+
+
 def goldfish_config(args: argparse.Namespace, special_ids: tuple) -> GoldfishConfig | None:
     """The GoldfishConfig the options describe (None for --no-goldfish); special_ids fill 'special'."""
     if not args.goldfish:
         return None
-    spec = str(args.goldfish_exempt_ids).strip()
-    if spec == "special":
-        exempt = tuple(sorted(set(special_ids)))
-    elif spec in ("none", ""):
-        exempt = ()
-    else:
-        try:
-            exempt = tuple(int(x) for x in spec.split(","))
-        except ValueError:
-            raise ValueError(f"--goldfish_exempt_ids must be 'special', 'none' or comma-separated integers, "
-                             f"got {spec!r}") from None
+    exempt = parse_exempt_ids(args.goldfish_exempt_ids, special_ids)
     return GoldfishConfig(k=args.goldfish_k, h=args.goldfish_h, strategy=args.goldfish_strategy,
                           window=args.goldfish_window, start_position=args.goldfish_start_position,
                           exempt_ids=exempt, table_path=args.goldfish_table_path, seed=args.goldfish_seed)

@@ -24,5 +24,4 @@ def prepare_builtin_corpus(out_dir: str, vocab_size: int) -> None:
     val = [d for i, d in enumerate(docs) if i % VALIDATION_EVERY == VALIDATION_EVERY - 1]
     tok = load_tokenizer(train_sentencepiece(train, str(root / "tokenizer"), vocab_size))
     for name, texts in (("train", train), ("val", val)):
-        ids = ([tok.bos_id] + tok.encode(text) + [tok.eos_id] for text in texts)
-        write_packed_shards(ids, str(root / name), tok.vocab_size)
+        write_packed_shards(map(tok.encode_document, texts), str(root / name), tok.vocab_size)

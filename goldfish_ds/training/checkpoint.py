@@ -1,8 +1,8 @@
 """Atomic DeepSpeed checkpoints: a crash at any point never leaves a partial checkpoint marked "latest".
 
 Layout of `root` (out_dir/checkpoints): one directory per complete checkpoint, `step_00000100/`, holding
-DeepSpeed's files (model and optimizer shards of every rank, our client state) and one
-`rank_XXXXX.pt` per rank (its RNG states and position in the data); and `latest`, the tag of the newest
+DeepSpeed's files (model and optimizer shards of every rank, our client state with the step and the
+data position) and one `rank_XXXXX.pt` per rank (its RNG states); and `latest`, the tag of the newest
 complete one. A save goes to `step_XXXXXXXX.partial/`; when every rank has written its files (a
 barrier), rank 0 syncs them to disk, renames the directory to its final name and then replaces `latest`
 (both atomic renames). DeepSpeed's own `latest` file is not used.
@@ -78,7 +78,7 @@ class CheckpointManager:
                 shutil.rmtree(path)
         dist.barrier()
 
-    def save(self, engine, step: int, client_state: dict, rank_state: dict) -> str:
+    def save(self, engine, step: int, client_state: dict) -> str:
         """Write checkpoint `step_<step>` (every rank calls it) and make it the latest; returns its tag."""
         tag = f"step_{step:08d}"
         partial = tag + PARTIAL
@@ -89,7 +89,7 @@ class CheckpointManager:
         engine.save_checkpoint(str(self.root), tag=partial, client_state=client_state, save_latest=False)
         maybe_crash("checkpoint", step)
         rank_file = self.root / partial / f"rank_{self.rank:05d}.pt"
-        torch.save({**rank_state, "rng": rng_states(), "world_size": self.world_size}, rank_file)
+        torch.save({"rng": rng_states(), "world_size": self.world_size}, rank_file)
         dist.barrier()  # every rank's files are written
         if self.rank == 0:
             _fsync_tree(self.root / partial)
@@ -113,8 +113,8 @@ class CheckpointManager:
             if path.name != keep_tag:
                 shutil.rmtree(path)
 
-    def load(self, engine, tag: str) -> tuple[dict, dict]:
-        """Load checkpoint `tag` into `engine`; returns (client_state, this rank's state) and restores RNGs."""
+    def load(self, engine, tag: str) -> dict:
+        """Load checkpoint `tag` into `engine` and restore this rank's RNGs; returns the client state."""
         rank_file = self.root / tag / f"rank_{self.rank:05d}.pt"
         if not rank_file.is_file():
             raise ValueError(f"checkpoint {self.root / tag} has no state for rank {self.rank}: it was written by a "
@@ -127,4 +127,4 @@ class CheckpointManager:
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.root / tag}")
         set_rng_states(rank_state["rng"])
-        return client_state, rank_state
+        return client_state

@@ -17,7 +17,7 @@ class MetricsLogger:
     def __init__(self, out_dir: str, *, enabled: bool, start_step: int, max_steps: int, progress: bool) -> None:
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
-        self._file = self._bar = self._tb = None
+        self._file = self._bar = self._tb = self.tensorboard_dir = None
         if not enabled:
             return
         self._truncate_after(start_step)
@@ -27,7 +27,7 @@ class MetricsLogger:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is optional
-            self.tensorboard_dir = None
+            pass
         else:
             self.tensorboard_dir = str(Path(out_dir) / "tensorboard")
             self._tb = SummaryWriter(self.tensorboard_dir, purge_step=start_step + 1)

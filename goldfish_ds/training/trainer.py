@@ -93,7 +93,7 @@ class Job:
         self.val_set = PackedTokenDataset(self.val_dir, args.seq_len) if self.val_dir else None
         tokenizer = load_tokenizer(self.tokenizer_path) if self.tokenizer_path else None
         self._check_vocabulary(tokenizer)
-        self.goldfish: GoldfishConfig | None = goldfish_config(args, _special_ids(tokenizer))
+        self.goldfish: GoldfishConfig | None = goldfish_config(args, tokenizer.special_ids if tokenizer else ())
         self.ignore_index = self.goldfish.ignore_index if self.goldfish else -100
 
         self.sampler = ShardedSampler(len(self.train_set), self.dp_rank, self.dp_size, seed=args.data_seed,
@@ -164,7 +164,7 @@ class Job:
         tag = self.checkpoints.latest_tag()
         if tag is None:
             raise FileNotFoundError(f"--resume: no complete checkpoint in {self.checkpoints.root}")
-        state, _ = self.checkpoints.load(self.engine, tag)
+        state = self.checkpoints.load(self.engine, tag)
         mine = self.client_state()
         for key, what in (("goldfish", "goldfish settings (the masks would change mid-run)"),
                           ("model", "model config"), ("layout", "batch layout"), ("data_rows", "training data")):
@@ -176,7 +176,7 @@ class Job:
                                                                 state["supervised_tokens"])
 
     def save(self) -> str:
-        return self.checkpoints.save(self.engine, self.step, self.client_state(), rank_state={})
+        return self.checkpoints.save(self.engine, self.step, self.client_state())
 
     # ---- steps --------------------------------------------------------------------------------------
     def _batch(self, rows: Iterator[int], dataset: PackedTokenDataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,8 +206,9 @@ class Job:
         self.input_tokens += int(inputs_seen)
         self.supervised_tokens += int(kept)
         grad_norm = self.engine.get_global_grad_norm()
-        return {"loss": kept_loss / max(kept, 1), "loss_all_tokens": (kept_loss + dropped_loss) / max(kept + dropped, 1),
-                "loss_dropped_tokens": dropped_loss / max(dropped, 1), "drop_rate": dropped / max(kept + dropped, 1),
+        targets = max(kept + dropped, 1)
+        return {"loss": kept_loss / max(kept, 1), "loss_all_tokens": (kept_loss + dropped_loss) / targets,
+                "loss_dropped_tokens": dropped_loss / max(dropped, 1), "drop_rate": dropped / targets,
                 "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "input_tokens": self.input_tokens, "supervised_tokens": self.supervised_tokens,
                 "step_input_tokens": int(inputs_seen)}
@@ -218,15 +219,16 @@ class Job:
         self.engine.eval()
         rows_per_rank = min(self.args.eval_batches * self.micro_batch, len(self.val_set) // self.dp_size)
         rows = iter(range(self.dp_rank, rows_per_rank * self.dp_size, self.dp_size))
-        sums = torch.zeros(2, dtype=torch.float64)
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, targets
         for _ in range(rows_per_rank // self.micro_batch):
             inputs, labels = self._batch(rows, self.val_set)
             loss = vocab_parallel_goldfish_cross_entropy(self.engine(inputs), labels, None, reduction="sum",
                                                          in_place=False)
-            sums += torch.tensor([loss.item(), float(labels.ne(self.ignore_index).sum())], dtype=torch.float64)
+            sums += torch.stack([loss.double(), labels.ne(self.ignore_index).sum().double()])
         dist.all_reduce(sums, group=data_parallel_group())
         self.engine.train()
-        return sums[0].item() / max(sums[1].item(), 1.0)
+        total, targets = sums.tolist()
+        return total / max(targets, 1.0)
 
     # ---- the job ------------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -260,17 +262,12 @@ class Job:
             hf_dir = str(self.out_dir / "hf")
             export_hf(self.engine.module, hf_dir, self.tokenizer_path)
         summary = {"steps": self.step, "checkpoints": str(self.checkpoints.root), "metrics": str(logger.path),
-                   "hf_export": hf_dir, "last_train": logger.last_record("train"), "last_val": logger.last_record("val")}
-        if logger.enabled and getattr(logger, "tensorboard_dir", None):
+                   "hf_export": hf_dir, "last_train": logger.last_record("train"),
+                   "last_val": logger.last_record("val")}
+        if logger.tensorboard_dir:
             summary["tensorboard"] = logger.tensorboard_dir
         logger.close()
         return summary
-
-
-def _special_ids(tokenizer: Tokenizer | None) -> tuple:
-    if tokenizer is None:
-        return ()
-    return tuple(i for i in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) if i is not None)
 
 
 def run(args: argparse.Namespace) -> dict:
