@@ -1,9 +1,10 @@
 """Build goldfish_ds and its compiled extension `goldfish_ds._C`.
 
-The CPU kernels are always built, for the SIMD level of the building machine (AVX512, AVX2 or plain),
+The CPU kernels are always built, for the SIMD level of the building machine (AVX512 with or without
+its bf16 conversions, AVX2 or plain),
 as DeepSpeed builds its CPU optimizers. The CUDA kernels are added when torch was built with CUDA and
 nvcc is found (CUDA_HOME). Environment overrides:
-  GOLDFISH_CPU_CAPABILITY=AVX512|AVX2|DEFAULT   SIMD level of the CPU kernels
+  GOLDFISH_CPU_CAPABILITY=AVX512_BF16|AVX512|AVX2|DEFAULT   SIMD level of the CPU kernels
   GOLDFISH_BUILD_CUDA=0|1                       force the CUDA kernels off / on
 Install with `pip install --no-build-isolation -e .` so the extension is built against the installed torch.
 """
@@ -14,8 +15,10 @@ import torch
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
+AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY_AVX512"]
 CPU_FLAGS = {
-    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY_AVX512"],
+    "AVX512_BF16": AVX512_FLAGS + ["-mavx512bf16"],
+    "AVX512": AVX512_FLAGS,
     "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"],
     "DEFAULT": [],
 }
@@ -29,7 +32,7 @@ def cpu_capability() -> str:
         return requested
     detected = torch.backends.cpu.get_cpu_capability()  # what this machine's torch dispatches to
     if detected.startswith("AVX512"):
-        return "AVX512"
+        return "AVX512_BF16" if torch.cpu._is_avx512_bf16_supported() else "AVX512"
     return "AVX2" if detected == "AVX2" else "DEFAULT"
 
 
@@ -43,7 +46,9 @@ def build_cuda() -> bool:
 def extension():
     capability = cpu_capability()
     # -fopenmp: at::parallel_for is a header template that is only parallel where OpenMP is enabled.
-    cxx = ["-O3", "-std=c++17", "-fopenmp", f"-DCPU_CAPABILITY={capability}",
+    # CPU_CAPABILITY names the at::vec implementation (AVX512 for both AVX512 levels).
+    vec = capability.split("_")[0]
+    cxx = ["-O3", "-std=c++17", "-fopenmp", f"-DCPU_CAPABILITY={vec}",
            f'-DGOLDFISH_CPU_CAPABILITY="{capability}"']
     cxx += CPU_FLAGS[capability]
     sources = ["csrc/bindings.cpp", "csrc/mask_cpu.cpp", "csrc/cross_entropy_cpu.cpp"]

@@ -9,6 +9,10 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -56,6 +60,24 @@ std::pair<Vec, Vec> load_two(const scalar_t* x) {
   } else {
     auto [lo, hi] = at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(x));
     return {lo, hi};
+  }
+}
+
+// Stores two float32 vectors as 2 * Vec::size() values of scalar_t at g (rounding to nearest even).
+template <typename scalar_t>
+void store_two(Vec lo, Vec hi, scalar_t* g) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    lo.store(g);
+    hi.store(g + Vec::size());
+#if defined(__AVX512BF16__)
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    // One instruction for 32 values, where the generic conversion spends ~10 integer operations per 16
+    // (the fused loss on bf16 logits measured ~10% faster). It flushes bf16 denormals (below 1.2e-38)
+    // to zero.
+    _mm512_storeu_si512(g, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+#endif
+  } else {
+    at::vec::convert_from_float<scalar_t>(lo, hi).store(g);
   }
 }
 
@@ -127,18 +149,13 @@ void write_gradient(float* e, const float* block_coef, int64_t V, scalar_t* g) {
   for (int64_t b0 = 0, b = 0; b0 < V; b0 += kBlock, ++b) {
     const int64_t n = std::min(kBlock, V - b0);
     const Vec c(block_coef[b]);
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      at::vec::map([c](Vec v) { return v * c; }, g + b0, e + b0, n);
-    } else {
-      const float* eb = e + b0;
-      scalar_t* gb = g + b0;
-      int64_t j = 0;
-      for (; j + 2 * Vec::size() <= n; j += 2 * Vec::size()) {
-        const Vec lo = Vec::loadu(eb + j) * c, hi = Vec::loadu(eb + j + Vec::size()) * c;
-        at::vec::convert_from_float<scalar_t>(lo, hi).store(gb + j);
-      }
-      for (; j < n; ++j) gb[j] = static_cast<scalar_t>(eb[j] * block_coef[b]);
+    const float* eb = e + b0;
+    scalar_t* gb = g + b0;
+    int64_t j = 0;
+    for (; j + 2 * Vec::size() <= n; j += 2 * Vec::size()) {
+      store_two(Vec::loadu(eb + j) * c, Vec::loadu(eb + j + Vec::size()) * c, gb + j);
     }
+    for (; j < n; ++j) gb[j] = static_cast<scalar_t>(eb[j] * block_coef[b]);
   }
 }
 
@@ -155,13 +172,7 @@ void softmax_row(const scalar_t* x, float lse, float c, int64_t V, scalar_t* g) 
   int64_t j = 0;
   for (; j + kStep <= V; j += kStep) {
     const auto [a, b] = load_two(x + j);
-    const Vec ga = exp_bounded(a - vlse) * vc, gb = exp_bounded(b - vlse) * vc;
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      ga.store(g + j);
-      gb.store(g + j + Vec::size());
-    } else {
-      at::vec::convert_from_float<scalar_t>(ga, gb).store(g + j);
-    }
+    store_two(exp_bounded(a - vlse) * vc, exp_bounded(b - vlse) * vc, g + j);
   }
   for (; j < V; ++j) g[j] = static_cast<scalar_t>(std::exp(static_cast<float>(x[j]) - lse) * c);
 }

@@ -29,7 +29,7 @@ def compiled_backends() -> List[str]:
 
 
 def cpu_capability() -> str:
-    """SIMD level the CPU kernels were compiled for (AVX512, AVX2 or DEFAULT)."""
+    """SIMD level the CPU kernels were compiled for (AVX512_BF16, AVX512, AVX2 or DEFAULT)."""
     return _C.cpu_capability()
 
 

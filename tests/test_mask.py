@@ -62,7 +62,7 @@ def test_compiled_mask_equals_reference(strategy, h, window, device):
 @pytest.mark.parametrize("h", [1, 3, 13, 1500])
 def test_extreme_ids_and_chunk_boundaries_equal_reference(strategy, h, device):
     """Any int64 ids (negative, INT64_MIN/MAX products through the table modulo), rows that end inside a
-    CPU chunk (1024 targets, or h when larger), and apply_goldfish writing exactly the masked positions."""
+    CPU chunk (256 targets, or h when larger), and apply_goldfish writing exactly the masked positions."""
     gen = torch.Generator().manual_seed(h)
     i64 = torch.iinfo(torch.int64)
     labels = torch.randint(i64.min, i64.max, (3, 3001), generator=gen)
@@ -74,6 +74,17 @@ def test_extreme_ids_and_chunk_boundaries_equal_reference(strategy, h, device):
     assert torch.equal(goldfish_mask(labels.to(device), cfg, step=3).cpu(), expected)
     masked = apply_goldfish(labels.to(device), cfg, step=3).cpu()
     assert torch.equal(masked, torch.where(expected, torch.tensor(-100), labels))
+
+
+@pytest.mark.parametrize("shape", [(32, 8192), (33, 8191)])
+def test_large_masked_labels_equal_reference(shape):
+    """Masked labels of 2 MiB or more are streamed to memory on the CPU: rows that start on a 64-byte
+    boundary with streaming stores, the others (odd T) with plain ones."""
+    labels = torch.randint(0, 32000, shape, generator=torch.Generator().manual_seed(shape[1]))
+    labels[:, -5:] = -100
+    cfg = GoldfishConfig(k=4, h=13)
+    expected = torch.where(reference_goldfish_mask(labels, cfg), torch.tensor(-100), labels)
+    assert torch.equal(apply_goldfish(labels, cfg), expected)
 
 
 @pytest.mark.parametrize("strategy", ["hash-table", "hash-avalanche", "hash-rolling"])
