@@ -1,7 +1,8 @@
 // Goldfish masks on the CPU. The targets are cut into chunks of kChunk consecutive targets of one row, each
 // chunk computed on its own (with the h - 1 labels before it), so chunks run in parallel and their scratch
-// stays in L1. A chunk is a few branch-free passes that the compiler vectorises, then one pass that writes
-// the output: the mask itself, or the labels with the dropped targets set to ignore_index.
+// stays in L1. A chunk is a few branch-free vectorised passes (the window products, then the decisions: for
+// the hash table one hand-written AVX-512 pass where available), then one pass that writes the output: the
+// mask itself, or the labels with the dropped targets set to ignore_index (streamed to memory when large).
 #include <ATen/Parallel.h>
 
 #if defined(__AVX512F__)
@@ -9,8 +10,8 @@
 #endif
 
 #include <algorithm>
-#include <type_traits>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_kernels.h"
