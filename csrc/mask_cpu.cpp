@@ -3,6 +3,7 @@
 // stays in L1. A chunk is a few branch-free vectorised passes (the window products, then the decisions: for
 // the hash table one hand-written AVX-512 pass where available), then one pass that writes the output: the
 // mask itself, or the labels with the dropped targets set to ignore_index (streamed to memory when large).
+// Without exempt ids, the hash-table pass writes the outputs itself.
 #include <ATen/Parallel.h>
 
 #if defined(__AVX512F__)
@@ -142,10 +143,66 @@ inline int32_t table_index_vectorisable(uint64_t w) {
   return r + (static_cast<int32_t>(m) & (r >> 31));
 }
 
-// decided[i] = bit table_index(window[i]) of the table, with window[i] = f.a[i] * f.b[i]. The table's int64
-// words are read as 32-bit words (bit j of word j / 32, on a little-endian machine).
+// The output of one target: the mask, or the label with dropped targets set to ignore_index (an ignored
+// label is ignore_index either way). Branch-free, so the loops vectorise.
+inline uint8_t output(uint8_t decided, int64_t label, int64_t ignore_index, uint8_t*) {
+  return decided & static_cast<uint8_t>(label != ignore_index);
+}
+inline int64_t output(uint8_t decided, int64_t label, int64_t ignore_index, int64_t*) {
+  return label ^ ((label ^ ignore_index) & -static_cast<int64_t>(decided));
+}
+
+// Where hash_table_decisions() puts the decision of target i (put) or of targets i to i + 15 (put16, bit j
+// for target i + j): the chunk's decision bytes, before the ignore and exempt rules ...
+struct DecisionBytes {
+  uint8_t* decided;
+  void put(int64_t i, bool dropped) const { decided[i] = dropped; }
+#if defined(__AVX512F__)
+  void put16(int64_t i, __mmask16 dropped) const {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(decided + i), _mm_maskz_set1_epi8(dropped, 1));
+  }
+#endif
+};
+
+// ... or, when no id is exempt, the outputs of the targets with these labels: the mask, or the masked labels
+// (with `stream`, dst is 64-byte aligned and written with streaming stores). Writing them in the same pass
+// measured ~5% faster than a separate pass over the decision bytes.
+template <typename Out>
+struct OutputsOf {
+  const int64_t* labels;
+  Out* dst;
+  int64_t ignore_index;
+  bool stream;
+  void put(int64_t i, bool dropped) const { dst[i] = output(dropped, labels[i], ignore_index, dst); }
+#if defined(__AVX512F__)
+  void put16(int64_t i, __mmask16 dropped) const {
+    const __m512i ignore = _mm512_set1_epi64(ignore_index);
+    const __m512i lo = _mm512_loadu_si512(labels + i), hi = _mm512_loadu_si512(labels + i + 8);
+    if constexpr (std::is_same_v<Out, uint8_t>) {
+      const __mmask16 kept =
+          _mm512_kunpackb(_mm512_cmpneq_epi64_mask(hi, ignore), _mm512_cmpneq_epi64_mask(lo, ignore));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm_maskz_set1_epi8(dropped & kept, 1));
+    } else {
+      const __m512i masked_lo = _mm512_mask_mov_epi64(lo, static_cast<__mmask8>(dropped), ignore);
+      const __m512i masked_hi = _mm512_mask_mov_epi64(hi, static_cast<__mmask8>(dropped >> 8), ignore);
+      if (stream) {
+        _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + i), masked_lo);
+        _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + i + 8), masked_hi);
+      } else {
+        _mm512_storeu_si512(dst + i, masked_lo);
+        _mm512_storeu_si512(dst + i + 8, masked_hi);
+      }
+    }
+  }
+#endif
+};
+
+// Puts into `sink` whether each target i < n is dropped: bit table_index(window[i]) of the table, with
+// window[i] = f.a[i] * f.b[i]. The table's int64 words are read as 32-bit words (bit j of word j / 32, on a
+// little-endian machine).
+template <typename Sink>
 void hash_table_decisions(const uint64_t* table_bits, WindowFactors f, int64_t n, ChunkScratch& s,
-                          uint8_t* __restrict decided) {
+                          const Sink& sink) {
   const uint32_t* words = reinterpret_cast<const uint32_t*>(table_bits);
   int64_t i = 0;
 #if defined(__AVX512F__)
@@ -181,13 +238,13 @@ void hash_table_decisions(const uint64_t* table_bits, WindowFactors f, int64_t n
     r = _mm512_add_epi32(r, _mm512_and_si512(m32, _mm512_srai_epi32(r, 31)));
     const __m512i word = _mm512_i32gather_epi32(_mm512_srli_epi32(r, 5), words, 4);
     const __mmask16 bit = _mm512_test_epi32_mask(_mm512_srlv_epi32(word, _mm512_and_si512(r, low5)), one);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(decided + i), _mm_maskz_set1_epi8(bit, 1));
+    sink.put16(i, bit);
   }
 #endif
   // The rest (every target without AVX-512): the same steps as loops the compiler vectorises.
   int32_t* __restrict index = s.index.data();
   for (int64_t j = i; j < n; ++j) index[j] = table_index_vectorisable(f.b == nullptr ? f.a[j] : f.a[j] * f.b[j]);
-  for (int64_t j = i; j < n; ++j) decided[j] = (words[index[j] >> 5] >> (index[j] & 31)) & 1;
+  for (int64_t j = i; j < n; ++j) sink.put(j, (words[index[j] >> 5] >> (index[j] & 31)) & 1);
 }
 
 // decided[i] = window_dropped(p, window[i]) for i < n, with the strategy fixed at compile time so the loops
@@ -229,31 +286,22 @@ void decide_chunk(const MaskParams& p, const int64_t* y, int64_t row, int64_t t0
   }
   const uint64_t* labels = reinterpret_cast<const uint64_t*>(x);
   if (p.strategy == kHashTable) {
-    hash_table_decisions(p.table_bits, window_factors(labels, m, p.h, s), m, s, decided + skip);
+    hash_table_decisions(p.table_bits, window_factors(labels, m, p.h, s), m, s, DecisionBytes{decided + skip});
   } else {
     hashed_decisions<kHashAvalanche>(p, window_products(labels, m, p.h, s), m, decided + skip);
   }
 }
 
-// The output of one target: the mask, or the label with dropped targets set to ignore_index (an ignored
-// label is ignore_index either way). Branch-free, so the loops vectorise.
-inline uint8_t output(uint8_t decided, int64_t label, int64_t ignore_index, uint8_t*) {
-  return decided & static_cast<uint8_t>(label != ignore_index);
-}
-inline int64_t output(uint8_t decided, int64_t label, int64_t ignore_index, int64_t*) {
-  return label ^ ((label ^ ignore_index) & -static_cast<int64_t>(decided));
-}
-
-// dst[i] for the n targets with the labels src (the mask or the masked labels); with `stream`, 64-byte
-// aligned masked labels are written with streaming stores, which skip the read of each destination line
-// (measured ~8% faster on 64 x 8192 labels).
+// dst[i] for the n targets with the labels src (the mask or the masked labels); with `stream`, dst is
+// 64-byte aligned and masked labels are written with streaming stores, which skip the read of each
+// destination line (measured ~8% faster on 64 x 8192 labels).
 template <typename Out>
 void write_outputs(const uint8_t* __restrict decided, const int64_t* __restrict src, int64_t ignore_index,
                    Out* __restrict dst, int64_t n, bool stream) {
   int64_t i = 0;
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<Out, int64_t>) {
-    if (stream && reinterpret_cast<uintptr_t>(dst) % 64 == 0) {
+    if (stream) {
       const __m512i ignore = _mm512_set1_epi64(ignore_index), one = _mm512_set1_epi64(1);
       for (; i + 8 <= n; i += 8) {
         const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(decided + i));
@@ -283,7 +331,10 @@ void goldfish_rows(const MaskParams& params, const int64_t* labels, Out* out, in
   const int64_t chunks_per_row = (T + chunk - 1) / chunk;
   // Masked labels larger than a core's L2 cache do not stay in cache: they are streamed to memory.
   const bool stream = std::is_same_v<Out, int64_t> && rows * T * static_cast<int64_t>(sizeof(Out)) >= kStreamBytes;
-  const auto run_chunks = [params, labels, out, T, chunk, chunks_per_row, stream](int64_t begin, int64_t end) {
+  // Hash-table decisions go straight to the outputs where no id is exempt.
+  const bool fuse_outputs = params.strategy == kHashTable && params.num_exempt == 0;
+  const auto run_chunks = [params, labels, out, T, chunk, chunks_per_row, stream, fuse_outputs](int64_t begin,
+                                                                                              int64_t end) {
     ChunkScratch s(chunk, params.h);
     const int64_t ignore_index = params.ignore_index;
     for (int64_t c = begin; c < end; ++c) {
@@ -291,12 +342,20 @@ void goldfish_rows(const MaskParams& params, const int64_t* labels, Out* out, in
       const int64_t t0 = (c - row * chunks_per_row) * chunk;
       const int64_t n = std::min(chunk, T - t0);
       const int64_t* y = labels + row * T;
+      Out* dst = out + row * T + t0;
+      const bool stream_chunk = stream && reinterpret_cast<uintptr_t>(dst) % 64 == 0;  // streaming needs alignment
+      if (fuse_outputs && t0 >= params.h - 1 + params.preceding) {  // every target of the chunk has a window
+        const auto* x = reinterpret_cast<const uint64_t*>(y + t0 - params.preceding - params.h + 1);
+        hash_table_decisions(params.table_bits, window_factors(x, n, params.h, s), n, s,
+                             OutputsOf<Out>{y + t0, dst, ignore_index, stream_chunk});
+        continue;
+      }
       decide_chunk(params, y, row, t0, n, s);
       uint8_t* __restrict decided = s.decided.data();
       if (params.num_exempt > 0) {
         for (int64_t i = 0; i < n; ++i) decided[i] &= static_cast<uint8_t>(!is_exempt(params, y[t0 + i]));
       }
-      write_outputs(decided, y + t0, ignore_index, out + row * T + t0, n, stream);
+      write_outputs(decided, y + t0, ignore_index, dst, n, stream_chunk);
     }
     if (stream) finish_streaming_stores();
   };
