@@ -35,10 +35,15 @@ struct ChunkScratch {
       : stride((chunk + h + 7) / 8 * 8), values(3 * stride + 8), index(chunk), decided(chunk),
         aligned(values.data() + (8 - reinterpret_cast<uintptr_t>(values.data()) / 8 % 8) % 8) {}
   uint64_t* buffer(int j) { return aligned + j * stride; }
-  // The one of the three buffers that is neither a nor b.
+  // Whether p points into buffer j (p may also point outside the scratch, e.g. into the labels).
+  bool holds(int j, const uint64_t* p) {
+    const auto at = reinterpret_cast<uintptr_t>(p), start = reinterpret_cast<uintptr_t>(buffer(j));
+    return at >= start && at < start + stride * sizeof(uint64_t);
+  }
+  // The one of the three buffers that holds neither a nor b (which may point into the middle of one).
   uint64_t* spare(const uint64_t* a, const uint64_t* b) {
     for (int j = 0; j < 2; ++j) {
-      if (buffer(j) != a && buffer(j) != b) return buffer(j);
+      if (!holds(j, a) && !holds(j, b)) return buffer(j);
     }
     return buffer(2);
   }
