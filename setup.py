@@ -1,11 +1,10 @@
 """Build goldfish_ds and its compiled extension `goldfish_ds._C`.
 
-The CPU kernels are always built, for the SIMD level of the building machine (AVX512 with or without
-its bf16 conversions, AVX2 or plain),
-as DeepSpeed builds its CPU optimizers. The CUDA kernels are added when torch was built with CUDA and
-nvcc is found (CUDA_HOME). Environment overrides:
+The CPU kernels are always built, for the SIMD level of the building machine (AVX512 with or without its
+bf16 conversions, AVX2 or plain), as DeepSpeed builds its CPU optimizers. The CUDA kernels are added when
+torch was built with CUDA and nvcc is found (CUDA_HOME). Environment overrides:
   GOLDFISH_CPU_CAPABILITY=AVX512_BF16|AVX512|AVX2|DEFAULT   SIMD level of the CPU kernels
-  GOLDFISH_BUILD_CUDA=0|1                       force the CUDA kernels off / on
+  GOLDFISH_BUILD_CUDA=0|1                                   force the CUDA kernels off / on
 Install with `pip install --no-build-isolation -e .` so the extension is built against the installed torch.
 """
 import glob
@@ -32,7 +31,8 @@ def cpu_capability() -> str:
         return requested
     detected = torch.backends.cpu.get_cpu_capability()  # what this machine's torch dispatches to
     if detected.startswith("AVX512"):
-        return "AVX512_BF16" if torch.cpu._is_avx512_bf16_supported() else "AVX512"
+        bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()  # a private torch helper
+        return "AVX512_BF16" if bf16 else "AVX512"
     return "AVX2" if detected == "AVX2" else "DEFAULT"
 
 
