@@ -15,11 +15,14 @@ def synchronize(device: str) -> None:
 
 def interleaved_samples(fns: Dict[str, Callable[[], None]], device: str, repeats: int,
                         setup: Optional[Callable[[], None]] = None, warmup: int = 1,
-                        reverse_odd_rounds: bool = False) -> Dict[str, List[float]]:
-    """Seconds of every call of each fn, running them in turn (ABAB...) so noise hits them alike.
+                        reverse_odd_rounds: bool = False, calls: int = 1) -> Dict[str, List[float]]:
+    """Seconds per call of each fn, in samples taken in turn (ABAB...) so noise hits them alike.
 
-    `warmup` rounds run first and are dropped; `setup` runs untimed before every call (e.g. to refill
-    a buffer a previous call overwrote); `reverse_odd_rounds` runs every other round backwards (ABC CBA),
+    A sample times `calls` back-to-back calls and divides by `calls`: calls=1 times a call right after
+    the other fns ran (their memory traffic left in the caches); calls > 1 measures throughput, the rate
+    of repeated calls, as a loop of them runs.
+    `warmup` rounds run first and are dropped; `setup` runs untimed before every sample (e.g. to refill
+    a buffer a previous call overwrote; use calls=1 then); `reverse_odd_rounds` runs every other round backwards (ABC CBA),
     so no fn always follows the same one.
     """
     samples = {name: [] for name in fns}
@@ -30,16 +33,17 @@ def interleaved_samples(fns: Dict[str, Callable[[], None]], device: str, repeats
                 setup()
             synchronize(device)
             start = time.perf_counter()
-            fn()
+            for _ in range(calls):
+                fn()
             synchronize(device)
-            samples[name].append(time.perf_counter() - start)
+            samples[name].append((time.perf_counter() - start) / calls)
     return {name: times[warmup:] for name, times in samples.items()}
 
 
 def time_interleaved(fns: Dict[str, Callable[[], None]], device: str, repeats: int,
-                     setup: Optional[Callable[[], None]] = None) -> Dict[str, float]:
-    """Median seconds of each fn over `repeats` interleaved rounds, after one dropped warm-up round."""
-    samples = interleaved_samples(fns, device, repeats, setup)
+                     setup: Optional[Callable[[], None]] = None, calls: int = 1) -> Dict[str, float]:
+    """Median seconds per call of each fn over `repeats` interleaved rounds, after one dropped warm-up round."""
+    samples = interleaved_samples(fns, device, repeats, setup, calls=calls)
     return {name: statistics.median(times) for name, times in samples.items()}
 
 

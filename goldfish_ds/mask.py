@@ -35,7 +35,7 @@ def _run(op, labels: torch.Tensor, cfg: GoldfishConfig, step: int) -> torch.Tens
     exempt = _exempt_tensor(cfg.exempt_ids, rows.device) if cfg.exempt_ids else None
     out = op(rows, cfg.strategy_code, cfg.k, cfg.h, cfg.start_position, cfg.ignore_index, cfg.window == "preceding",
              table_bits, exempt, cfg.seed, step)
-    return out.reshape(labels.shape)
+    return out if labels.dim() == 2 else out.reshape(-1)  # (reshape(labels.shape) costs ~4 us a call)
 
 
 def goldfish_mask(labels: torch.Tensor, cfg: GoldfishConfig, step: int = 0) -> torch.Tensor:
