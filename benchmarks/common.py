@@ -22,8 +22,8 @@ def interleaved_samples(fns: Dict[str, Callable[[], None]], device: str, repeats
     the other fns ran (their memory traffic left in the caches); calls > 1 measures throughput, the rate
     of repeated calls, as a loop of them runs.
     `warmup` rounds run first and are dropped; `setup` runs untimed before every sample (e.g. to refill
-    a buffer a previous call overwrote; use calls=1 then); `reverse_odd_rounds` runs every other round backwards (ABC CBA),
-    so no fn always follows the same one.
+    a buffer a previous call overwrote; use calls=1 then); `reverse_odd_rounds` runs every other round
+    backwards (ABC CBA), so no fn always follows the same one.
     """
     samples = {name: [] for name in fns}
     for round_ in range(warmup + repeats):
