@@ -1,6 +1,7 @@
 """Llama (the HF `LlamaForCausalLM` architecture) built from the tensor-parallel layers.
 
-RMSNorm, rotary embeddings in HF's rotate-half convention, SwiGLU MLP, grouped-query attention through
+RMSNorm, rotary embeddings in HF's rotate-half convention (plain, linear or llama3-scaled: goldfish_ds.models.rope),
+SwiGLU MLP, grouped-query attention (head_dim may differ from hidden_size / num_attention_heads) through
 `scaled_dot_product_attention`, tied or untied embeddings. With tensor parallelism each rank holds
 num_attention_heads / tp query heads and num_key_value_heads / tp key/value heads, a slice of the MLP, and
 a slice of the vocabulary; `forward` returns this rank's slice of the logits, the input of
@@ -19,59 +20,86 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from goldfish_ds.models.rope import RopeParameters, rope_parameters_from_hf, rotary_cos_sin
 from goldfish_ds.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelLMHead
 from goldfish_ds.parallel.state import default_tensor_parallel_group, group_rank_and_size
 
 
+# Keys of an HF config (LlamaConfig's, and PreTrainedConfig's that LlamaForCausalLM honours) that change the math,
+# with the one value Llama implements; any other value is refused.
+_ONLY_VALUE = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+               "is_causal": True, "model_type": "llama", "quantization_config": None, "per_layer_config": None}
+
+
 @dataclass(frozen=True)
 class LlamaConfig:
-    """The architecture; field names and meanings are those of HF's LlamaConfig."""
+    """The architecture; field names, meanings and defaults are those of HF's LlamaConfig.
+
+    num_key_value_heads defaults to num_attention_heads, head_dim to hidden_size / num_attention_heads (q and o
+    have num_attention_heads * head_dim features, k and v num_key_value_heads * head_dim).
+    """
 
     vocab_size: int
     hidden_size: int
     intermediate_size: int
     num_hidden_layers: int
     num_attention_heads: int
-    num_key_value_heads: int
-    max_position_embeddings: int = 4096
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
+    num_key_value_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_parameters: RopeParameters = RopeParameters()
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
 
     def __post_init__(self) -> None:
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"LlamaConfig: hidden_size ({self.hidden_size}) must be divisible by "
-                             f"num_attention_heads ({self.num_attention_heads})")
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(f"LlamaConfig: hidden_size ({self.hidden_size}) must be divisible by "
+                                 f"num_attention_heads ({self.num_attention_heads}) unless head_dim is given")
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.head_dim % 2:
+            raise ValueError(f"LlamaConfig: head_dim ({self.head_dim}) must be even (rotate-half rotary embedding)")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"LlamaConfig: num_attention_heads ({self.num_attention_heads}) must be divisible by "
                              f"num_key_value_heads ({self.num_key_value_heads})")
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
     @classmethod
     def from_dict(cls, values: dict) -> "LlamaConfig":
-        """From our config JSON or an HF config.json (unknown keys ignored; unsupported features refused)."""
-        if values.get("rope_scaling"):
-            raise ValueError(f"LlamaConfig: rope_scaling {values['rope_scaling']!r} is not supported (only none)")
-        if values.get("attention_bias") or values.get("mlp_bias"):
-            raise ValueError("LlamaConfig: attention_bias / mlp_bias are not supported (Llama has none)")
-        if values.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"LlamaConfig: hidden_act must be 'silu', got {values['hidden_act']!r}")
-        names = {f.name for f in fields(cls)}
-        values = dict(values)
-        values.setdefault("num_key_value_heads", values.get("num_attention_heads"))
-        return cls(**{k: v for k, v in values.items() if k in names})
+        """From our config JSON, `asdict()` of a LlamaConfig, or an HF config.json of transformers 4 or 5.
+
+        The RoPE is read from either generation's keys (see `rope_parameters_from_hf`). Keys that change the
+        math to something Llama does not implement (hidden_act, attention_bias, mlp_bias, attention_dropout,
+        partial_rotary_factor, rope types other than default / linear / llama3, ...) are refused by name; keys
+        that do not change LlamaForCausalLM's logits (token ids, use_cache, pretraining_tp, dtype, architectures,
+        ...) are ignored.
+        """
+        for key, supported in _ONLY_VALUE.items():
+            if values.get(key) not in (None, supported):
+                raise ValueError(f"LlamaConfig: {key} {values[key]!r} is not supported (only {supported!r})")
+        names = {f.name for f in fields(cls)} - {"rope_parameters"}
+        kwargs = {k: v for k, v in values.items() if k in names and v is not None}
+        max_positions = kwargs.get("max_position_embeddings", cls.max_position_embeddings)
+        return cls(**kwargs, rope_parameters=rope_parameters_from_hf(values, max_positions))
 
     @classmethod
     def from_json(cls, path: str) -> "LlamaConfig":
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     def to_hf_dict(self) -> dict:
-        return {**asdict(self), "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-                "attention_bias": False, "mlp_bias": False, "rope_scaling": None, "torch_dtype": "float32"}
+        """config.json for HF transformers, with the RoPE in both generations' keys.
+
+        transformers 5 reads `rope_parameters`; transformers 4 ignores that key and reads the top-level
+        `rope_theta` and `rope_scaling` instead (transformers 5 reads those too, preferring rope_scaling), so both
+        are written and they agree: either generation loads the same RoPE.
+        """
+        rope = self.rope_parameters.to_hf_dict()
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"} if rope["rope_type"] != "default" else None
+        return {**asdict(self), "rope_parameters": rope, "rope_theta": rope["rope_theta"], "rope_scaling": scaling,
+                "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+                "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "torch_dtype": "float32"}
 
 
 class RMSNorm(nn.Module):
@@ -84,14 +112,6 @@ class RMSNorm(nn.Module):
         # Normalise in float32 and cast back before the weight, as HF does (bit-compatible outputs).
         x32 = x.float()
         return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-
-
-def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos, sin [T, head_dim] of HF's rotate-half rotary embedding."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim))
-    freqs = positions.float()[:, None] * inv_freq[None, :]
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -175,7 +195,7 @@ class Llama(nn.Module):
         if positions is None:
             positions = torch.arange(T, device=input_ids.device)
         x = self.embed_tokens(input_ids)
-        cos, sin = rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        cos, sin = rotary_cos_sin(positions, self.cfg.rope_parameters, self.cfg.head_dim, x.dtype)
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, use_reentrant=False)
