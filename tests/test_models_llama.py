@@ -142,7 +142,8 @@ def test_import_export_round_trip_is_bit_exact(tmp_path, tied, case):
     assert config["num_key_value_heads"] == 2
 
 
-@pytest.mark.parametrize("name", ["tiny", "tinyllama-1.1b", "llama-2-7b", "llama-2-13b", "llama-3-8b"])
+@pytest.mark.parametrize("name", ["tiny", "tinyllama-1.1b", "llama-2-7b", "llama-2-13b", "llama-3-8b", "llama-3.1-8b",
+                                  "llama-3.2-1b"])
 def test_model_configs_load(name):
     cfg = LlamaConfig.from_json(str(REPO / "configs" / "models" / f"{name}.json"))
     assert cfg.head_dim * cfg.num_attention_heads == cfg.hidden_size
