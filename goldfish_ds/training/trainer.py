@@ -27,7 +27,7 @@ from goldfish_ds.data import (
     Tokenizer,
     load_tokenizer,
 )
-from goldfish_ds.models import Llama, LlamaConfig, load_hf_llama, read_hf_state_dict
+from goldfish_ds.models import Llama, LlamaConfig, load_hf_llama
 from goldfish_ds.parallel import (
     data_parallel_group,
     data_parallel_rank,
@@ -141,7 +141,7 @@ class Job:
             # The LM head uses the embedding's weight outside the embedding's forward.
             deepspeed.zero.register_external_parameter(model.lm_head, model.embed_tokens.weight)
         if args.init_from_hf:  # built whole (not under zero.Init), loaded, then partitioned by deepspeed.initialize
-            load_hf_llama(model, read_hf_state_dict(args.init_from_hf))
+            load_hf_llama(model, args.init_from_hf)
         optimizer = adamw(model, lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
         engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config, mpu=mpu, dist_init_required=False,
