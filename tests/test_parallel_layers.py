@@ -127,3 +127,29 @@ def body_data_parallel_groups(rank, world):
 
 def test_tp2_dp2_groups():
     run_distributed(body_data_parallel_groups, 4)
+
+
+def test_weights_are_drawn_on_the_cpu_and_copied_where_allocated(monkeypatch):
+    """zero.Init on a GPU allocates parameters on the accelerator, where a CPU generator cannot draw. The default
+    device `meta` stands for it here: every draw with a generator must land on the generator's device (the CPU),
+    and the parameters stay where the allocation put them."""
+    draws = []
+
+    def on_generator_device(fn):
+        def checked(*args, generator=None, **kwargs):
+            out = fn(*args, generator=generator, **kwargs)
+            if generator is not None:
+                assert out.device == generator.device, f"a {generator.device} generator drew into {out.device}"
+                draws.append(out.device)
+            return out
+        return checked
+
+    for owner, name in ((torch, "normal"), (torch, "randn"), (torch, "rand"), (torch.Tensor, "normal_"),
+                        (torch.Tensor, "uniform_")):
+        monkeypatch.setattr(owner, name, on_generator_device(getattr(owner, name)))
+    with torch.device("meta"):
+        embedding = VocabParallelEmbedding(11, 8)
+        layers = [embedding, ColumnParallelLinear(8, 12), RowParallelLinear(12, 8), VocabParallelLMHead(8, 11),
+                  VocabParallelLMHead(8, 11, tied=embedding)]
+    assert len(draws) == 4
+    assert all(p.device.type == "meta" for layer in layers for p in layer.parameters())

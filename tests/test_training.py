@@ -26,6 +26,7 @@ from goldfish_ds.data import (
     train_sentencepiece,
     write_packed_shards,
 )
+from goldfish_ds.models import read_hf_state_dict
 from goldfish_ds.training.deepspeed_config import load_deepspeed_config
 from goldfish_ds.training.optim import warmup_cosine_lr
 
@@ -205,20 +206,58 @@ def test_export_loads_in_transformers(corpus, reference_run, tmp_path):
     with torch.no_grad():
         loss = model(ids, labels=ids).loss.item()
     assert loss < records(reference_run)[0]["loss"] - 0.5  # the trained weights, not the initialisation
-    # The export command reads a checkpoint back: step 20 gives the same tensors; step 15 others.
-    for tag in ("step_00000020", "step_00000015"):
-        subprocess.run([sys.executable, str(REPO / "scripts" / "export_hf.py"), "--out_dir", str(out), "--tag", tag],
-                       check=True, capture_output=True, timeout=600)
-    final, same, older = (load_file(out / d / "model.safetensors") for d in ("hf", "hf-step_00000020",
-                                                                           "hf-step_00000015"))
+    assert json.loads((out / "hf" / "generation_config.json").read_text()) == {"bos_token_id": tok.bos_id,
+                                                                               "eos_token_id": tok.eos_id}
+    # The export command reads a checkpoint back: step 20 gives the same tensors (here in 200 kB shards); step 15
+    # others.
+    for tag, shard_size in (("step_00000020", ["--max_shard_size", "200KB"]), ("step_00000015", [])):
+        subprocess.run([sys.executable, str(REPO / "scripts" / "export_hf.py"), "--out_dir", str(out), "--tag", tag,
+                        *shard_size], check=True, capture_output=True, timeout=600)
+    assert (out / "hf" / "model.safetensors").is_file()  # the tiny model fits in one 5 GB file
+    assert len(json.loads((out / "hf-step_00000020" / "model.safetensors.index.json").read_text())["weight_map"]) == \
+        len(load_file(out / "hf" / "model.safetensors"))
+    final, same, older = (read_hf_state_dict(str(out / d)) for d in ("hf", "hf-step_00000020", "hf-step_00000015"))
     assert final.keys() == same.keys() == older.keys()
     assert all(torch.equal(final[k], same[k]) for k in final)
     assert not torch.equal(final["model.norm.weight"], older["model.norm.weight"])
+    transformers.AutoModelForCausalLM.from_pretrained(out / "hf-step_00000020", local_files_only=True)  # sharded
     # Continued pretraining from the export starts where the run ended, not from a fresh initialisation.
     cont = tmp_path / "continued"
     launch("python", 1, train_args(corpus, cont, str(reference_run / "ds.json"), "--init_from_hf", str(out / "hf"),
                                    "--max_steps", "1", "--eval_interval", "0"))
     assert losses(cont)[0] < records(reference_run)[0]["loss"] - 0.5
+
+
+def test_host_memory_of_import_and_export_is_bounded(corpus, tmp_path):
+    """A 137M-parameter model (548 MB in fp32) on 2 ZeRO-3 ranks: --init_from_hf from a sharded checkpoint, one step,
+    export in 100 MB shards. No rank ever holds the whole model: importing, a rank's peak grows by at most its
+    partition + the largest tensor; exporting, the writer's by one shard + one tensor, the other rank's by
+    little. (Whole-model loading or gathering on every rank exceeds both.) Slack: allocator and interpreter noise."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=8192, hidden_size=2048, intermediate_size=5632, num_hidden_layers=2,
+                                      num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=64,
+                                      tie_word_embeddings=False)
+    hf = transformers.LlamaForCausalLM(config)
+    numels = [p.numel() for p in hf.parameters()]
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="200MB")
+    del hf
+    out = tmp_path / "run"
+    launch("torchrun", 2, train_args(corpus, out, ds_config(tmp_path / "ds.json", 1, 1), "--init_from_hf",
+                                     str(tmp_path / "hf"), "--max_steps", "1", "--eval_interval", "0",
+                                     "--seq_len", "16", "--export_hf", "--hf_max_shard_size", "100MB"))
+    mib = 2**20
+    model, largest, shard = 4 * sum(numels), 4 * max(numels), 100 * 10**6
+    slack = 160 * mib
+    peak = {(r["phase"], r["rank"]): (r["peak_rss_gib"] - r["start_rss_gib"]) * 2**30
+            for r in map(json.loads, (out / "memory.jsonl").read_text().splitlines())}
+    assert {phase for phase, _ in peak} == {"import", "engine", "train", "export"}
+    for rank in (0, 1):
+        assert peak["import", rank] <= model / 2 + largest + slack < model, (rank, peak["import", rank] / mib)
+    assert peak["export", 0] <= shard + largest + slack < model, peak["export", 0] / mib
+    assert peak["export", 1] <= slack, peak["export", 1] / mib
+    index = json.loads((out / "hf" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == model and len(set(index["weight_map"].values())) >= 6
 
 
 BAD_INPUTS = {

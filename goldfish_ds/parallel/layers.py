@@ -1,15 +1,18 @@
 """Tensor-parallel layers: each rank holds a slice of the weight and the collectives of mappings.py.
 
 Without an initialised tensor-parallel group (a single process) they are plain layers holding the whole
-weight. Weights are initialised from the full weight drawn on the CPU with a seeded generator and then sliced,
-so a model has the same parameters at every tensor-parallel size. Sharded parameters carry
-`tensor_model_parallel = True` (DeepSpeed then counts them once per TP group when clipping gradients);
-replicated ones do not.
+weight. Weights are initialised from the full weight drawn in float32 on the CPU with a seeded generator and
+then sliced, so a model has the same parameters at every tensor-parallel size; the slice is copied into a
+parameter allocated wherever the caller's context puts new tensors (the accelerator under
+`deepspeed.zero.Init`, a default device), so no CPU generator touches another device's memory. Sharded
+parameters carry `tensor_model_parallel = True` (DeepSpeed then counts them once per TP group when clipping
+gradients); replicated ones do not.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -27,10 +30,50 @@ def _divide(total: int, parts: int, what: str) -> int:
     return total // parts
 
 
+_DRAW_WEIGHTS = True
+
+
+@contextmanager
+def uninitialised_weights() -> Iterator[None]:
+    """Inside, the layers allocate their weights without drawing them (the values, vocabulary padding included,
+    are undefined): for a model whose weights are loaded next, which then costs no random draws and no touched
+    memory beyond the allocation."""
+    global _DRAW_WEIGHTS
+    previous, _DRAW_WEIGHTS = _DRAW_WEIGHTS, False
+    try:
+        yield
+    finally:
+        _DRAW_WEIGHTS = previous
+
+
+def _normal_on_cpu(shape: tuple, std: float, seed: int) -> torch.Tensor:
+    # torch.normal with an explicit device and dtype: zero.Init redirects torch.empty/zeros (device and dtype), not it.
+    return torch.normal(0.0, std, size=shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32,
+                        device="cpu")
+
+
 def _sharded_parameter(full_shape: tuple, dim: int, rank: int, world: int, std: float, seed: int) -> nn.Parameter:
     """This rank's slice along `dim` of a full normal(0, std) weight drawn with `seed` on the CPU."""
-    full = torch.empty(full_shape).normal_(0.0, std, generator=torch.Generator().manual_seed(seed))
-    param = nn.Parameter(full.chunk(world, dim=dim)[rank].contiguous())
+    shape = list(full_shape)
+    shape[dim] //= world
+    param = nn.Parameter(torch.empty(shape))
+    if _DRAW_WEIGHTS:
+        with torch.no_grad():
+            param.copy_(_normal_on_cpu(full_shape, std, seed).chunk(world, dim=dim)[rank])
+    param.tensor_model_parallel = True
+    return param
+
+
+def _vocab_parallel_parameter(vocab_size: int, per_rank: int, start: int, dim: int, std: float,
+                              seed: int) -> nn.Parameter:
+    """Rows [start, start + per_rank) of a [V_padded, dim] table: normal(0, std) rows of the real vocabulary drawn
+    with `seed` on the CPU, zero rows past it."""
+    param = nn.Parameter(torch.empty(per_rank, dim))
+    if _DRAW_WEIGHTS:
+        rows = _normal_on_cpu((vocab_size, dim), std, seed)[start:start + per_rank]
+        with torch.no_grad():
+            param[:len(rows)].copy_(rows)
+            param[len(rows):].zero_()
     param.tensor_model_parallel = True
     return param
 
@@ -93,10 +136,8 @@ class VocabParallelEmbedding(nn.Module):
         self.padded_num_embeddings = math.ceil(num_embeddings / world) * world
         self.per_rank = self.padded_num_embeddings // world
         self.vocab_start = rank * self.per_rank
-        full = torch.zeros(self.padded_num_embeddings, embedding_dim)
-        full[:num_embeddings].normal_(0.0, std, generator=torch.Generator().manual_seed(seed))
-        self.weight = nn.Parameter(full[self.vocab_start:self.vocab_start + self.per_rank].clone())
-        self.weight.tensor_model_parallel = True
+        self.weight = _vocab_parallel_parameter(num_embeddings, self.per_rank, self.vocab_start, embedding_dim, std,
+                                                seed)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.numel():
@@ -130,10 +171,7 @@ class VocabParallelLMHead(nn.Module):
         self.vocab_start = rank * self.per_rank
         self.tied = tied
         if tied is None:
-            full = torch.zeros(self.per_rank * world, hidden_size)
-            full[:vocab_size].normal_(0.0, std, generator=torch.Generator().manual_seed(seed))
-            self.weight = nn.Parameter(full[self.vocab_start:self.vocab_start + self.per_rank].clone())
-            self.weight.tensor_model_parallel = True
+            self.weight = _vocab_parallel_parameter(vocab_size, self.per_rank, self.vocab_start, hidden_size, std, seed)
         elif tied.per_rank != self.per_rank or tied.embedding_dim != hidden_size:
             raise ValueError("VocabParallelLMHead: the tied embedding must have the same vocabulary and hidden size")
 

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from goldfish_ds.config import STRATEGIES, WINDOWS, GoldfishConfig
+from goldfish_ds.models.hf import DEFAULT_MAX_SHARD_SIZE, parse_size
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_MODEL_CONFIG = str(REPO_CONFIGS / "models" / "tiny.json")
@@ -92,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     log.add_argument("--keep_checkpoints", type=int, default=2, help="complete checkpoints kept on disk")
     log.add_argument("--export_hf", action=argparse.BooleanOptionalAction, default=True,
                      help="write an HF-format model and the tokenizer to out_dir/hf at the end")
+    log.add_argument("--hf_max_shard_size", default=DEFAULT_MAX_SHARD_SIZE,
+                     help="largest safetensors file of the HF export (e.g. 5GB, 500MB, or bytes); a model that fits "
+                          "in one is written as model.safetensors, a larger one as shards with an index")
     log.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                      help="progress bar on rank 0")
     return p
@@ -120,6 +124,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
     if not 0 <= args.min_lr <= args.lr:
         raise ValueError(f"--min_lr must be in [0, --lr={args.lr}], got {args.min_lr}")
+    parse_size(args.hf_max_shard_size, "--hf_max_shard_size")
     if args.goldfish:
         goldfish_config(args, special_ids=())  # k, h, window... checked before anything starts
     return args

@@ -1,16 +1,61 @@
 """Where training metrics go (rank 0): out_dir/metrics.jsonl, a console progress bar, and TensorBoard when
-the `tensorboard` package is installed.
+the `tensorboard` package is installed; and every rank's peak host memory per phase, in out_dir/memory.jsonl.
 
-Each JSONL record has "kind" ("train" or "val") and "step". On resume the records after the resumed step
-are dropped first, so the file always describes one uninterrupted run.
+Each metrics.jsonl record has "kind" ("train" or "val") and "step". On resume the records after the resumed
+step are dropped first, so the file always describes one uninterrupted run. memory.jsonl gets one record per
+rank and phase each time a process runs the phase: {"kind": "memory", "phase", "rank", "start_rss_gib",
+"peak_rss_gib"}, the resident set size when the phase began and its peak during the phase (Linux only).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
+import torch.distributed as dist
 from tqdm import tqdm
+
+GIB = 2**30
+
+
+def _status_bytes(field: str) -> int | None:
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:  # not Linux
+        return None
+    return int(re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE).group(1)) * 1024
+
+
+def reset_peak_rss() -> int | None:
+    """Reset this process's peak resident set size (VmHWM) to its current one, which it returns in bytes
+    (None where /proc/self is not Linux's)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return _status_bytes("VmRSS")
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident set size in bytes since the last reset_peak_rss (or its start)."""
+    return _status_bytes("VmHWM")
+
+
+def log_memory_phase(out_dir: str, phase: str, start_rss: int | None) -> None:
+    """End a phase begun with start_rss = reset_peak_rss(): every rank calls it; rank 0 appends every rank's
+    record to out_dir/memory.jsonl (one gather_object). Nothing where reset_peak_rss could not measure."""
+    peak = peak_rss_bytes()
+    mine = None if start_rss is None or peak is None else {
+        "kind": "memory", "phase": phase, "rank": dist.get_rank(), "start_rss_gib": round(start_rss / GIB, 4),
+        "peak_rss_gib": round(peak / GIB, 4)}
+    records = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(mine, records, dst=0)
+    if records is not None and None not in records:
+        path = Path(out_dir) / "memory.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
 
 
 class MetricsLogger:

@@ -14,6 +14,7 @@ import os
 import time
 import warnings
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from goldfish_ds.data import (
     Tokenizer,
     load_tokenizer,
 )
-from goldfish_ds.models import Llama, LlamaConfig, load_hf_llama, read_hf_state_dict
+from goldfish_ds.models import Llama, LlamaConfig, load_hf_llama
 from goldfish_ds.parallel import (
     data_parallel_group,
     data_parallel_rank,
@@ -37,6 +38,7 @@ from goldfish_ds.parallel import (
     mpu,
     vocab_parallel_goldfish_cross_entropy,
 )
+from goldfish_ds.parallel.layers import uninitialised_weights
 from goldfish_ds.training.arguments import (
     DEFAULT_CPU_DEEPSPEED_CONFIG,
     DEFAULT_GPU_DEEPSPEED_CONFIG,
@@ -47,8 +49,9 @@ from goldfish_ds.training.checkpoint import CheckpointManager
 from goldfish_ds.training.deepspeed_config import load_deepspeed_config
 from goldfish_ds.training.export import export_hf
 from goldfish_ds.training.faults import maybe_crash
-from goldfish_ds.training.metrics import MetricsLogger
+from goldfish_ds.training.metrics import MetricsLogger, log_memory_phase, reset_peak_rss
 from goldfish_ds.training.optim import adamw, lr_scheduler
+from goldfish_ds.training.partitions import load_hf_into_partitions
 
 ARGS_FILE = "args.json"
 
@@ -132,21 +135,28 @@ class Job:
                              f"larger than the model's vocab_size {vocab}")
 
     def _build_engine(self, deepspeed):
+        """The model under zero.Init with ZeRO-3 (from --init_from_hf too: each rank fills its own partitions),
+        then the engine; the peak host memory of both phases goes to out_dir/memory.jsonl."""
         args = self.args
-        stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
+        zero3 = self.ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+        start_rss = reset_peak_rss()
+        drawn = uninitialised_weights() if args.init_from_hf else nullcontext()  # no random draws for loaded weights
         with deepspeed.zero.Init(data_parallel_group=data_parallel_group(), mpu=mpu, config_dict_or_path=self.ds_config,
-                                 enabled=stage == 3 and not args.init_from_hf):
+                                 enabled=zero3), drawn:
             model = Llama(self.model_cfg, seed=args.seed, activation_checkpointing=args.activation_checkpointing)
-        if self.model_cfg.tie_word_embeddings and stage == 3:
+        if self.model_cfg.tie_word_embeddings and zero3:
             # The LM head uses the embedding's weight outside the embedding's forward.
             deepspeed.zero.register_external_parameter(model.lm_head, model.embed_tokens.weight)
-        if args.init_from_hf:  # built whole (not under zero.Init), loaded, then partitioned by deepspeed.initialize
-            load_hf_llama(model, read_hf_state_dict(args.init_from_hf))
+        if args.init_from_hf:
+            (load_hf_into_partitions if zero3 else load_hf_llama)(model, args.init_from_hf)
+        log_memory_phase(str(self.out_dir), "import" if args.init_from_hf else "init", start_rss)
+        start_rss = reset_peak_rss()
         optimizer = adamw(model, lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
         engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config, mpu=mpu, dist_init_required=False,
             lr_scheduler=lambda opt: lr_scheduler(opt, lr=args.lr, min_lr=args.min_lr,
                                                   warmup_steps=args.warmup_steps, max_steps=args.max_steps))
+        log_memory_phase(str(self.out_dir), "engine", start_rss)
         return engine
 
     # ---- state --------------------------------------------------------------------------------------
@@ -242,6 +252,7 @@ class Job:
         logger = MetricsLogger(str(self.out_dir), enabled=self.rank == 0, start_step=self.step,
                                max_steps=args.max_steps, progress=args.progress)
         rows = iter(self.sampler)
+        start_rss = reset_peak_rss()
         while self.step < args.max_steps:
             start = time.perf_counter()
             record = self.train_step(rows)
@@ -257,10 +268,13 @@ class Job:
                 logger.log({"kind": "val", "step": self.step, "val_loss": self.validation_loss()})
             if self.step % args.save_interval == 0 or self.step == args.max_steps:
                 logger.write(f"step {self.step}: checkpoint {self.checkpoints.root / self.save()}")
+        log_memory_phase(str(self.out_dir), "train", start_rss)
         hf_dir = None
         if args.export_hf:
             hf_dir = str(self.out_dir / "hf")
-            export_hf(self.engine.module, hf_dir, self.tokenizer_path)
+            start_rss = reset_peak_rss()
+            export_hf(self.engine.module, hf_dir, self.tokenizer_path, max_shard_size=args.hf_max_shard_size)
+            log_memory_phase(str(self.out_dir), "export", start_rss)
         summary = {"steps": self.step, "checkpoints": str(self.checkpoints.root), "metrics": str(logger.path),
                    "hf_export": hf_dir, "last_train": logger.last_record("train"),
                    "last_val": logger.last_record("val")}
