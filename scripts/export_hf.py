@@ -16,7 +16,6 @@ import torch.distributed as dist
 from goldfish_ds.models.hf import parse_size
 from goldfish_ds.training import Job, parse_args
 from goldfish_ds.training.export import export_hf
-from goldfish_ds.training.metrics import log_memory_phase, reset_peak_rss
 from goldfish_ds.training.trainer import ARGS_FILE
 
 
@@ -44,10 +43,9 @@ def main() -> None:
         sys.exit(f"export_hf.py: error: no checkpoint {tag or '(latest)'} in {job.checkpoints.root}")
     job.checkpoints.load(job.engine, tag)
     hf_dir = cli.hf_dir or str(Path(cli.out_dir) / f"hf-{tag}")
-    start_rss = reset_peak_rss()
-    export_hf(job.engine.module, hf_dir, job.tokenizer_path,
-              max_shard_size=cli.max_shard_size or job.args.hf_max_shard_size)
-    log_memory_phase(cli.out_dir, "export", start_rss)
+    with job.memory.measure("export"):
+        export_hf(job.engine.module, hf_dir, job.tokenizer_path,
+                  max_shard_size=cli.max_shard_size or job.args.hf_max_shard_size)
     if dist.get_rank() == 0:
         print(f"exported {job.checkpoints.root / tag} to {hf_dir}")
     dist.destroy_process_group()

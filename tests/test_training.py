@@ -251,7 +251,7 @@ def test_host_memory_of_import_and_export_is_bounded(corpus, tmp_path):
     slack = 160 * mib
     peak = {(r["phase"], r["rank"]): (r["peak_rss_gib"] - r["start_rss_gib"]) * 2**30
             for r in map(json.loads, (out / "memory.jsonl").read_text().splitlines())}
-    assert {phase for phase, _ in peak} == {"import", "engine", "train", "export"}
+    assert {phase for phase, _ in peak} == {"import", "engine", "train", "checkpoint", "export"}
     for rank in (0, 1):
         assert peak["import", rank] <= model / 2 + largest + slack < model, (rank, peak["import", rank] / mib)
     assert peak["export", 0] <= shard + largest + slack < model, peak["export", 0] / mib

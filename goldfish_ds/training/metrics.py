@@ -3,14 +3,16 @@ the `tensorboard` package is installed; and every rank's peak host memory per ph
 
 Each metrics.jsonl record has "kind" ("train" or "val") and "step". On resume the records after the resumed
 step are dropped first, so the file always describes one uninterrupted run. memory.jsonl gets one record per
-rank and phase each time a process runs the phase: {"kind": "memory", "phase", "rank", "start_rss_gib",
-"peak_rss_gib"}, the resident set size when the phase began and its peak during the phase (Linux only).
+rank and phase each time a process runs the phase (HostMemoryPhases): the resident set size when the phase began
+and its peak during the phase (Linux only).
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch.distributed as dist
@@ -42,20 +44,45 @@ def peak_rss_bytes() -> int | None:
     return _status_bytes("VmHWM")
 
 
-def log_memory_phase(out_dir: str, phase: str, start_rss: int | None) -> None:
-    """End a phase begun with start_rss = reset_peak_rss(): every rank calls it; rank 0 appends every rank's
-    record to out_dir/memory.jsonl (one gather_object). Nothing where reset_peak_rss could not measure."""
-    peak = peak_rss_bytes()
-    mine = None if start_rss is None or peak is None else {
-        "kind": "memory", "phase": phase, "rank": dist.get_rank(), "start_rss_gib": round(start_rss / GIB, 4),
-        "peak_rss_gib": round(peak / GIB, 4)}
-    records = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(mine, records, dst=0)
-    if records is not None and None not in records:
-        path = Path(out_dir) / "memory.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
+class HostMemoryPhases:
+    """Every rank's peak host memory per phase of a job, appended by rank 0 to out_dir/memory.jsonl.
+
+    `with phases.measure("checkpoint"): ...` records {"kind": "memory", "phase", "rank", "start_rss_gib",
+    "peak_rss_gib"} for every rank when the block ends (one gather_object: every rank must measure the same
+    phases in the same order). A phase measured inside another (a checkpoint during training) pauses it: the
+    outer phase's peak is the highest of its own stretches. A block that raises records nothing (the other
+    ranks may not reach the gather). Nothing is recorded where /proc/self is not Linux's.
+    """
+
+    def __init__(self, out_dir: str) -> None:
+        self.path = Path(out_dir) / "memory.jsonl"
+        self._open: list[list] = []  # [phase, start rss, peak of its earlier stretches], innermost last
+
+    @contextmanager
+    def measure(self, phase: str) -> Iterator[None]:
+        if self._open:
+            self._open[-1][2] = max(self._open[-1][2], peak_rss_bytes() or 0)
+        self._open.append([phase, reset_peak_rss(), 0])
+        try:
+            yield
+        except BaseException:
+            self._open.pop()
+            raise
+        _, start, earlier = self._open.pop()
+        peak = peak_rss_bytes()
+        self._record(phase, start, None if peak is None else max(peak, earlier))
+        reset_peak_rss()  # an outer phase goes on from here
+
+    def _record(self, phase: str, start: int | None, peak: int | None) -> None:
+        mine = None if start is None or peak is None else {
+            "kind": "memory", "phase": phase, "rank": dist.get_rank(), "start_rss_gib": round(start / GIB, 4),
+            "peak_rss_gib": round(peak / GIB, 4)}
+        records = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(mine, records, dst=0)
+        if records is not None and None not in records:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
 
 
 class MetricsLogger:

@@ -49,7 +49,7 @@ from goldfish_ds.training.checkpoint import CheckpointManager
 from goldfish_ds.training.deepspeed_config import load_deepspeed_config
 from goldfish_ds.training.export import export_hf
 from goldfish_ds.training.faults import maybe_crash
-from goldfish_ds.training.metrics import MetricsLogger, log_memory_phase, reset_peak_rss
+from goldfish_ds.training.metrics import HostMemoryPhases, MetricsLogger
 from goldfish_ds.training.optim import adamw, lr_scheduler
 from goldfish_ds.training.partitions import load_hf_into_partitions
 
@@ -105,6 +105,7 @@ class Job:
             raise ValueError(f"validation data {self.val_dir} has {len(self.val_set)} rows of {args.seq_len + 1} "
                              f"tokens, fewer than one micro-batch per data-parallel rank ({self.dp_size} x "
                              f"{self.micro_batch})")
+        self.memory = HostMemoryPhases(str(self.out_dir))
         self.engine = self._build_engine(deepspeed)
         self.checkpoints = CheckpointManager(str(self.out_dir / "checkpoints"), keep=args.keep_checkpoints)
         self.step = 0
@@ -139,24 +140,22 @@ class Job:
         then the engine; the peak host memory of both phases goes to out_dir/memory.jsonl."""
         args = self.args
         zero3 = self.ds_config.get("zero_optimization", {}).get("stage", 0) == 3
-        start_rss = reset_peak_rss()
         drawn = uninitialised_weights() if args.init_from_hf else nullcontext()  # no random draws for loaded weights
-        with deepspeed.zero.Init(data_parallel_group=data_parallel_group(), mpu=mpu, config_dict_or_path=self.ds_config,
-                                 enabled=zero3), drawn:
-            model = Llama(self.model_cfg, seed=args.seed, activation_checkpointing=args.activation_checkpointing)
-        if self.model_cfg.tie_word_embeddings and zero3:
-            # The LM head uses the embedding's weight outside the embedding's forward.
-            deepspeed.zero.register_external_parameter(model.lm_head, model.embed_tokens.weight)
-        if args.init_from_hf:
-            (load_hf_into_partitions if zero3 else load_hf_llama)(model, args.init_from_hf)
-        log_memory_phase(str(self.out_dir), "import" if args.init_from_hf else "init", start_rss)
-        start_rss = reset_peak_rss()
-        optimizer = adamw(model, lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
-        engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=self.ds_config, mpu=mpu, dist_init_required=False,
-            lr_scheduler=lambda opt: lr_scheduler(opt, lr=args.lr, min_lr=args.min_lr,
-                                                  warmup_steps=args.warmup_steps, max_steps=args.max_steps))
-        log_memory_phase(str(self.out_dir), "engine", start_rss)
+        with self.memory.measure("import" if args.init_from_hf else "init"):
+            with deepspeed.zero.Init(data_parallel_group=data_parallel_group(), mpu=mpu,
+                                     config_dict_or_path=self.ds_config, enabled=zero3), drawn:
+                model = Llama(self.model_cfg, seed=args.seed, activation_checkpointing=args.activation_checkpointing)
+            if self.model_cfg.tie_word_embeddings and zero3:
+                # The LM head uses the embedding's weight outside the embedding's forward.
+                deepspeed.zero.register_external_parameter(model.lm_head, model.embed_tokens.weight)
+            if args.init_from_hf:
+                (load_hf_into_partitions if zero3 else load_hf_llama)(model, args.init_from_hf)
+        with self.memory.measure("engine"):
+            optimizer = adamw(model, lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
+            engine, _, _, _ = deepspeed.initialize(
+                model=model, optimizer=optimizer, config=self.ds_config, mpu=mpu, dist_init_required=False,
+                lr_scheduler=lambda opt: lr_scheduler(opt, lr=args.lr, min_lr=args.min_lr,
+                                                      warmup_steps=args.warmup_steps, max_steps=args.max_steps))
         return engine
 
     # ---- state --------------------------------------------------------------------------------------
@@ -174,7 +173,8 @@ class Job:
         tag = self.checkpoints.latest_tag()
         if tag is None:
             raise FileNotFoundError(f"--resume: no complete checkpoint in {self.checkpoints.root}")
-        state = self.checkpoints.load(self.engine, tag)
+        with self.memory.measure("resume"):
+            state = self.checkpoints.load(self.engine, tag)
         mine = self.client_state()
         for key, what in (("goldfish", "goldfish settings (the masks would change mid-run)"),
                           ("model", "model config"), ("layout", "batch layout"), ("data_rows", "training data")):
@@ -186,7 +186,8 @@ class Job:
                                                                 state["supervised_tokens"])
 
     def save(self) -> str:
-        return self.checkpoints.save(self.engine, self.step, self.client_state())
+        with self.memory.measure("checkpoint"):
+            return self.checkpoints.save(self.engine, self.step, self.client_state())
 
     # ---- steps --------------------------------------------------------------------------------------
     def _batch(self, rows: Iterator[int], dataset: PackedTokenDataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,7 +253,23 @@ class Job:
         logger = MetricsLogger(str(self.out_dir), enabled=self.rank == 0, start_step=self.step,
                                max_steps=args.max_steps, progress=args.progress)
         rows = iter(self.sampler)
-        start_rss = reset_peak_rss()
+        with self.memory.measure("train"):  # checkpoints are phases of their own
+            self._train_loop(rows, logger)
+        hf_dir = None
+        if args.export_hf:
+            hf_dir = str(self.out_dir / "hf")
+            with self.memory.measure("export"):
+                export_hf(self.engine.module, hf_dir, self.tokenizer_path, max_shard_size=args.hf_max_shard_size)
+        summary = {"steps": self.step, "checkpoints": str(self.checkpoints.root), "metrics": str(logger.path),
+                   "hf_export": hf_dir, "last_train": logger.last_record("train"),
+                   "last_val": logger.last_record("val")}
+        if logger.tensorboard_dir:
+            summary["tensorboard"] = logger.tensorboard_dir
+        logger.close()
+        return summary
+
+    def _train_loop(self, rows: Iterator[int], logger: MetricsLogger) -> None:
+        args = self.args
         while self.step < args.max_steps:
             start = time.perf_counter()
             record = self.train_step(rows)
@@ -268,20 +285,6 @@ class Job:
                 logger.log({"kind": "val", "step": self.step, "val_loss": self.validation_loss()})
             if self.step % args.save_interval == 0 or self.step == args.max_steps:
                 logger.write(f"step {self.step}: checkpoint {self.checkpoints.root / self.save()}")
-        log_memory_phase(str(self.out_dir), "train", start_rss)
-        hf_dir = None
-        if args.export_hf:
-            hf_dir = str(self.out_dir / "hf")
-            start_rss = reset_peak_rss()
-            export_hf(self.engine.module, hf_dir, self.tokenizer_path, max_shard_size=args.hf_max_shard_size)
-            log_memory_phase(str(self.out_dir), "export", start_rss)
-        summary = {"steps": self.step, "checkpoints": str(self.checkpoints.root), "metrics": str(logger.path),
-                   "hf_export": hf_dir, "last_train": logger.last_record("train"),
-                   "last_val": logger.last_record("val")}
-        if logger.tensorboard_dir:
-            summary["tensorboard"] = logger.tensorboard_dir
-        logger.close()
-        return summary
 
 
 def run(args: argparse.Namespace) -> dict:
