@@ -26,12 +26,14 @@ from goldfish_ds.data import (
     train_sentencepiece,
     write_packed_shards,
 )
+from goldfish_ds.models import Llama, LlamaConfig
 from goldfish_ds.training.deepspeed_config import load_deepspeed_config
 from goldfish_ds.training.optim import warmup_cosine_lr
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = str(REPO / "scripts" / "pretrain.py")
 STEPS = 20
+TINY = LlamaConfig.from_json(str(REPO / "configs" / "models" / "tiny.json"))
 
 
 @pytest.fixture(scope="module")
@@ -103,14 +105,42 @@ def test_warmup_cosine_schedule():
 
 
 def test_deepspeed_config_checks(tmp_path):
-    config = load_deepspeed_config(ds_config(tmp_path / "a.json", 4, 2), data_parallel_size=3)
+    config = load_deepspeed_config(ds_config(tmp_path / "a.json", 4, 2), data_parallel_size=3, model=TINY)
     assert config["train_batch_size"] == 24
     with pytest.raises(ValueError, match="train_batch_size 16 != .* data-parallel size 3"):
-        load_deepspeed_config(ds_config(tmp_path / "b.json", 4, 2, train_batch_size=16), data_parallel_size=3)
+        load_deepspeed_config(ds_config(tmp_path / "b.json", 4, 2, train_batch_size=16), 3, TINY)
     with pytest.raises(ValueError, match="remove the 'optimizer' section"):
-        load_deepspeed_config(ds_config(tmp_path / "c.json", 4, 1, optimizer={"type": "Adam"}), 1)
+        load_deepspeed_config(ds_config(tmp_path / "c.json", 4, 1, optimizer={"type": "Adam"}), 1, TINY)
     with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu must be a positive integer"):
-        load_deepspeed_config(ds_config(tmp_path / "d.json", 0, 1), 1)
+        load_deepspeed_config(ds_config(tmp_path / "d.json", 0, 1), 1, TINY)
+
+
+@pytest.mark.parametrize("name", ["zero3_cpu", "zero3_gpu_bf16"])
+def test_shipped_deepspeed_configs_size_buffers_to_the_model(name):
+    """Their "auto" sizes: h^2, 0.9 h^2, 10 h and one decoder layer (counted on the real module, or from
+    Llama-2-7B's published 6,738,415,616 parameters)."""
+    big = LlamaConfig.from_json(str(REPO / "configs" / "models" / "llama-2-7b.json"))
+    tiny_layer = sum(p.numel() for p in Llama(TINY).layers[0].parameters())
+    big_layer = (6738415616 - 2 * 32000 * 4096 - 4096) // 32  # less the embeddings and the final norm
+    for model, layer in ((TINY, tiny_layer), (big, big_layer)):
+        zero = load_deepspeed_config(str(REPO / "configs" / "deepspeed" / f"{name}.json"), 2, model)
+        zero, h = zero["zero_optimization"], model.hidden_size
+        assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"],
+                zero["stage3_param_persistence_threshold"]) == (h * h, int(0.9 * h * h), 10 * h)
+        assert (zero["stage3_max_live_parameters"], zero["stage3_max_reuse_distance"], zero["sub_group_size"]) \
+            == (layer, layer, layer)
+
+
+@pytest.mark.parametrize("section, key", [(None, "train_micro_batch_size_per_gpu"), ("zero_optimization", "stage"),
+                                          ("bf16", "enabled")])
+def test_deepspeed_config_refuses_auto_elsewhere(tmp_path, section, key):
+    config = json.loads((REPO / "configs" / "deepspeed" / "zero3_cpu.json").read_text())
+    (config[section] if section else config)[key] = "auto"
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    where = f"{section}.{key}" if section else key
+    with pytest.raises(ValueError, match=rf'{where} is "auto"; only these zero_optimization sizes may be "auto": '
+                                         r'reduce_bucket_size, allgather_bucket_size, stage3_prefetch_bucket_size'):
+        load_deepspeed_config(str(tmp_path / "ds.json"), 1, TINY)
 
 
 # ---- end to end ---------------------------------------------------------------------------------------
@@ -260,14 +290,13 @@ def test_bad_input_is_a_clear_error_before_training(corpus, tmp_path, case):
 @pytest.mark.parametrize("name, world", [("tiny_cpu", 1), ("tinyllama-1.1b_8gpu", 8), ("llama-2-7b_2x8gpu", 16)])
 def test_shipped_run_configs_are_consistent(name, world, monkeypatch):
     """configs/train/*.json parse, name existing model and DeepSpeed configs, and fit their world sizes."""
-    from goldfish_ds.models import LlamaConfig
     from goldfish_ds.training import parse_args
 
     monkeypatch.chdir(REPO)
     args = parse_args(["--config", f"configs/train/{name}.json"])
     cfg = LlamaConfig.from_json(args.model_config)
     assert cfg.num_key_value_heads % args.tensor_parallel == 0 and world % args.tensor_parallel == 0
-    ds = load_deepspeed_config(args.deepspeed_config, data_parallel_size=world // args.tensor_parallel)
+    ds = load_deepspeed_config(args.deepspeed_config, world // args.tensor_parallel, cfg)
     assert ds["train_batch_size"] % (world // args.tensor_parallel) == 0
 
 

@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "command line overrides it")
     run = p.add_argument_group("run")
     run.add_argument("--deepspeed_config", default=None,
-                     help="DeepSpeed JSON config (batch sizes, ZeRO stage, bf16, gradient_clipping); default "
+                     help="DeepSpeed JSON config (batch sizes, ZeRO stage, bf16, gradient_clipping; bucket and "
+                          "prefetch sizes given as \"auto\" are fitted to the model); default "
                           "configs/deepspeed/zero3_cpu.json without a GPU, zero3_gpu_bf16.json with one")
     run.add_argument("--out_dir", default="runs/default", help="checkpoints/, metrics.jsonl, tensorboard/, hf/")
     run.add_argument("--max_steps", type=int, default=300, help="optimizer steps to train for (in total, "

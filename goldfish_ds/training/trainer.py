@@ -1,10 +1,10 @@
 """The pretraining job: a Llama on DeepSpeed (ZeRO 1-3) with tensor parallelism and the goldfish loss.
 
 `run(args)` does everything `scripts/pretrain.py` promises, in this order: start torch.distributed for
-whichever launcher started the ranks, build the TP/DP groups, check every input (DeepSpeed config,
-data, tokenizer, model config, goldfish options) before any model is built, build the model under
-`deepspeed.zero.Init`, wrap it in a DeepSpeed engine with AdamW and the warmup-cosine schedule, resume
-if asked, then train, log, validate, checkpoint and export.
+whichever launcher started the ranks, build the TP/DP groups, check every input (model config, DeepSpeed
+config with its "auto" sizes fitted to the model, data, tokenizer, goldfish options) before any model is
+built, build the model under `deepspeed.zero.Init`, wrap it in a DeepSpeed engine with AdamW and the
+warmup-cosine schedule, resume if asked, then train, log, validate, checkpoint and export.
 """
 from __future__ import annotations
 
@@ -78,16 +78,16 @@ class Job:
         self.device = torch.device(f"cuda:{self.launch.local_rank}" if torch.cuda.is_available() else "cpu")
         self.out_dir = Path(args.out_dir)
 
+        self.model_cfg = LlamaConfig.from_json(str(Path(args.init_from_hf) / "config.json") if args.init_from_hf
+                                               else args.model_config)
         ds_path = args.deepspeed_config or (DEFAULT_GPU_DEEPSPEED_CONFIG if torch.cuda.is_available()
                                             else DEFAULT_CPU_DEEPSPEED_CONFIG)
-        self.ds_config = load_deepspeed_config(ds_path, self.dp_size)
+        self.ds_config = load_deepspeed_config(ds_path, self.dp_size, self.model_cfg)  # "auto" sizes from the model
         self.micro_batch = self.ds_config["train_micro_batch_size_per_gpu"]
         self.accumulation = self.ds_config["gradient_accumulation_steps"]
         self.dtype = torch.bfloat16 if self.ds_config.get("bf16", {}).get("enabled") else (
             torch.float16 if self.ds_config.get("fp16", {}).get("enabled") else torch.float32)
 
-        self.model_cfg = LlamaConfig.from_json(str(Path(args.init_from_hf) / "config.json") if args.init_from_hf
-                                               else args.model_config)
         self.data_dir, self.val_dir, self.tokenizer_path = self._resolve_data()
         self.train_set = PackedTokenDataset(self.data_dir, args.seq_len, verify=args.verify_data)
         self.val_set = PackedTokenDataset(self.val_dir, args.seq_len) if self.val_dir else None
