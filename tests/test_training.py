@@ -62,8 +62,8 @@ def train_args(corpus: Path, out_dir: Path, config: str, *extra: str) -> list:
     return ["--deepspeed_config", config, "--out_dir", str(out_dir), "--data", str(corpus / "train"),
             "--val_data", str(corpus / "val"), "--tokenizer", str(corpus / "tok.model"),
             "--model_config", str(corpus / "model.json"), "--seq_len", "64", "--max_steps", str(STEPS),
-            "--warmup_steps", "5", "--lr", "3e-3", "--min_lr", "3e-4", "--save_interval", "5", "--eval_interval", "10", "--eval_batches", "2",
-            "--no-progress", "--no-export_hf", *extra]
+            "--warmup_steps", "5", "--lr", "3e-3", "--min_lr", "3e-4", "--save_interval", "5", "--eval_interval", "10",
+            "--eval_rows", "7", "--no-progress", "--no-export_hf", *extra]
 
 
 def launch(kind: str, nproc: int, args: list, expect_ok: bool = True, env: dict | None = None):
@@ -184,7 +184,7 @@ def test_single_rank_trains_logs_and_checkpoints(corpus, reference_run):
 
 def test_layouts_reproduce_the_single_rank_curve(corpus, reference_run, dp2_run, tmp_path):
     """ZeRO-3 with TP=2 x DP=1 (mpirun, activation checkpointing), TP=1 x DP=2 (deepspeed launcher), TP=2 x DP=2
-    (mpirun -np 4)."""
+    (mpirun -np 4). The validation loss (7 rows: at DP=2 split 4 + 3, the second rank padded) is the same too."""
     tp2 = tmp_path / "tp2"
     launch("mpirun", 2, train_args(corpus, tp2, ds_config(tmp_path / "tp2.json", 2, 2), "--tensor_parallel", "2",
                                    "--activation_checkpointing"))  # recomputation must not change the curve
@@ -194,6 +194,8 @@ def test_layouts_reproduce_the_single_rank_curve(corpus, reference_run, dp2_run,
     for run in (tp2, dp2_run, tp2dp2):
         np.testing.assert_allclose(losses(run), reference, rtol=0, atol=1e-4, err_msg=str(run))
         assert [r["drop_rate"] for r in records(run)] == [r["drop_rate"] for r in records(reference_run)]
+        np.testing.assert_allclose([r["val_loss"] for r in records(run, "val")],
+                                   [r["val_loss"] for r in records(reference_run, "val")], rtol=1e-5, err_msg=str(run))
 
 
 @pytest.mark.parametrize("point, step", [("step", 7), ("checkpoint", 10)])
@@ -257,6 +259,8 @@ BAD_INPUTS = {
     "corrupt shard": ("truncated", "is corrupt"),
     "tokenizer larger than the model": (["--model_config", "small-vocab"], "more than the model's vocab_size"),
     "batch sizes vs world size": ("batch", "train_batch_size 64 != "),
+    "fewer rows than one global batch": ("global batch", "fewer than one global batch of 4096"),
+    "empty validation data": ("empty val", "has no row of --seq_len + 1 = 65 tokens"),
 }
 
 
@@ -274,6 +278,11 @@ def test_bad_input_is_a_clear_error_before_training(corpus, tmp_path, case):
         shard.write_bytes(shard.read_bytes()[:-10])
     elif change == "batch":
         config = ds_config(tmp_path / "ds.json", 2, 1, train_batch_size=64)
+    elif change == "global batch":
+        config = ds_config(tmp_path / "ds.json", 64, 64)
+    elif change == "empty val":
+        write_packed_shards([[1, 5, 6, 2]], str(tmp_path / "val"), 2048)  # 4 tokens: no row of 65
+        extra = ["--val_data", str(tmp_path / "val")]
     elif change[1] == "small-vocab":
         small = json.loads((corpus / "model.json").read_text())
         (tmp_path / "small.json").write_text(json.dumps({**small, "vocab_size": 1024}))
