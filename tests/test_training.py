@@ -66,6 +66,12 @@ def train_args(corpus: Path, out_dir: Path, config: str, *extra: str) -> list:
             "--eval_rows", "7", "--no-progress", "--no-export_hf", *extra]
 
 
+def launch_env(nproc: int, env: dict | None = None) -> dict:
+    """The environment of a launched job: Open MPI allowed as root, one thread per rank when ranks share the cores."""
+    return dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+                OMP_NUM_THREADS="1" if nproc > 1 else "2", **(env or {}))
+
+
 def launch(kind: str, nproc: int, args: list, expect_ok: bool = True, env: dict | None = None):
     """Run scripts/pretrain.py under a launcher; returns the CompletedProcess."""
     if kind == "python":
@@ -76,9 +82,7 @@ def launch(kind: str, nproc: int, args: list, expect_ok: bool = True, env: dict 
         command = [launcher("mpirun"), "-np", str(nproc), "--map-by", "slot:OVERSUBSCRIBE", sys.executable, PRETRAIN]
     elif kind == "torchrun":
         command = [launcher("torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()), PRETRAIN]
-    full_env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-                    OMP_NUM_THREADS="1" if nproc > 1 else "2", **(env or {}))
-    result = subprocess.run(command + args, env=full_env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(command + args, env=launch_env(nproc, env), capture_output=True, text=True, timeout=900)
     if expect_ok:
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return result
@@ -251,6 +255,41 @@ def test_export_loads_in_transformers(corpus, reference_run, tmp_path):
     launch("python", 1, train_args(corpus, cont, str(reference_run / "ds.json"), "--init_from_hf", str(out / "hf"),
                                    "--max_steps", "1", "--eval_interval", "0"))
     assert losses(cont)[0] < records(reference_run)[0]["loss"] - 0.5
+
+
+# ---- the default job: built-in corpus (478 training rows and 10 validation rows of 257 tokens) ---------------
+
+def check_default_job(out: Path, rows_per_step: int) -> None:
+    """Two steps of rows_per_step rows (micro x accumulation x ranks) trained, then validated at the last step."""
+    train, val = records(out), records(out, "val")
+    assert [r["step"] for r in train] == [1, 2] and train[-1]["input_tokens"] == 2 * rows_per_step * 256
+    assert [r["step"] for r in val] == [2] and 0 < val[0]["val_loss"] < 20
+
+
+def test_readme_quick_start_command_trains_validates_and_exports(tmp_path):
+    """README's main-job command, as written, at 2 CPU ranks (--num_gpus 2): 10 validation rows, 16 per step."""
+    readme = (REPO / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if line.startswith("deepspeed scripts/pretrain.py")).split()
+    out = tmp_path / "run"
+    command = [launcher("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), *command[1:],
+               "--max_steps", "2", "--out_dir", str(out), "--no-progress"]
+    result = subprocess.run(command, cwd=REPO, env=launch_env(2), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    check_default_job(out, rows_per_step=8 * 2)
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000002"
+    assert {"config.json", "model.safetensors", "tokenizer.model"} <= {f.name for f in (out / "hf").iterdir()}
+
+
+@pytest.mark.parametrize("kind, nproc, config, rows_per_step", [
+    ("python", 1, None, 8),                        # the embedded default (zero3_cpu.json without a GPU)
+    ("mpirun", 3, "zero3_cpu.json", 8 * 3),        # validation rows 4 + 3 + 3
+    ("torchrun", 4, "zero3_gpu_bf16.json", 4 * 8 * 4),  # bf16 on CPU; a global batch of 128 rows
+])
+def test_default_job_runs_at_any_world_size(tmp_path, kind, nproc, config, rows_per_step):
+    """With the deepspeed launcher at 2 ranks above: every launcher and 1-4 ranks, each shipped DeepSpeed config."""
+    args = ["--out_dir", str(tmp_path / "run"), "--max_steps", "2", "--no-progress", "--no-export_hf"]
+    launch(kind, nproc, args + (["--deepspeed_config", str(REPO / "configs" / "deepspeed" / config)] if config else []))
+    check_default_job(tmp_path / "run", rows_per_step)
 
 
 BAD_INPUTS = {
