@@ -96,7 +96,7 @@ def build_hf_engine(job: Job):
 @torch.no_grad()
 def initial_losses(job: Job, hf, rows: list) -> tuple:
     """Standard loss of both models on one batch before any step (equal weights: equal losses)."""
-    inputs, labels = job._batch(iter(rows), job.train_set)
+    inputs, labels = job._batch([job.train_set[r] for r in rows])
     job.engine.eval(), hf.eval()
     ours = vocab_parallel_goldfish_cross_entropy(job.engine(inputs), labels, None, in_place=False).item()
     theirs = hf(input_ids=inputs, labels=labels, shift_labels=labels).loss.item()
@@ -106,7 +106,7 @@ def initial_losses(job: Job, hf, rows: list) -> tuple:
 
 def time_losses(job: Job, hf, rows: list, repeats: int) -> dict:
     """Median seconds of each pipeline's loss, forward + backward w.r.t. fresh logits [B, T, V]."""
-    _, labels = job._batch(iter(rows), job.train_set)
+    _, labels = job._batch([job.train_set[r] for r in rows])
     V = job.model_cfg.vocab_size
     source = torch.randn(*labels.shape, V, generator=torch.Generator().manual_seed(0)).to(job.dtype)
     logits = torch.empty_like(source)
@@ -144,7 +144,7 @@ def run_case(name: str, job: Job, steps: int, warmup: int, loss_repeats: int) ->
         job.train_step(iter(next(feeds[variant])))
 
     def hf_step() -> None:
-        inputs, labels = job._batch(iter(next(feeds["HF"])), job.train_set)
+        inputs, labels = job._batch([job.train_set[r] for r in next(feeds["HF"])])
         loss = hf(input_ids=inputs, labels=labels, shift_labels=labels).loss
         hf.backward(loss)
         hf.step()

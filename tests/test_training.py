@@ -26,13 +26,14 @@ from goldfish_ds.data import (
     train_sentencepiece,
     write_packed_shards,
 )
-from goldfish_ds.models import read_hf_state_dict
+from goldfish_ds.models import Llama, LlamaConfig, read_hf_state_dict
 from goldfish_ds.training.deepspeed_config import load_deepspeed_config
 from goldfish_ds.training.optim import warmup_cosine_lr
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = str(REPO / "scripts" / "pretrain.py")
 STEPS = 20
+TINY = LlamaConfig.from_json(str(REPO / "configs" / "models" / "tiny.json"))
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +62,14 @@ def train_args(corpus: Path, out_dir: Path, config: str, *extra: str) -> list:
     return ["--deepspeed_config", config, "--out_dir", str(out_dir), "--data", str(corpus / "train"),
             "--val_data", str(corpus / "val"), "--tokenizer", str(corpus / "tok.model"),
             "--model_config", str(corpus / "model.json"), "--seq_len", "64", "--max_steps", str(STEPS),
-            "--warmup_steps", "5", "--lr", "3e-3", "--min_lr", "3e-4", "--save_interval", "5", "--eval_interval", "10", "--eval_batches", "2",
-            "--no-progress", "--no-export_hf", *extra]
+            "--warmup_steps", "5", "--lr", "3e-3", "--min_lr", "3e-4", "--save_interval", "5", "--eval_interval", "10",
+            "--eval_rows", "7", "--no-progress", "--no-export_hf", *extra]
+
+
+def launch_env(nproc: int, env: dict | None = None) -> dict:
+    """The environment of a launched job: Open MPI allowed as root, one thread per rank when ranks share the cores."""
+    return dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+                OMP_NUM_THREADS="1" if nproc > 1 else "2", **(env or {}))
 
 
 def launch(kind: str, nproc: int, args: list, expect_ok: bool = True, env: dict | None = None):
@@ -75,9 +82,7 @@ def launch(kind: str, nproc: int, args: list, expect_ok: bool = True, env: dict 
         command = [launcher("mpirun"), "-np", str(nproc), "--map-by", "slot:OVERSUBSCRIBE", sys.executable, PRETRAIN]
     elif kind == "torchrun":
         command = [launcher("torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()), PRETRAIN]
-    full_env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-                    OMP_NUM_THREADS="1" if nproc > 1 else "2", **(env or {}))
-    result = subprocess.run(command + args, env=full_env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(command + args, env=launch_env(nproc, env), capture_output=True, text=True, timeout=900)
     if expect_ok:
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return result
@@ -104,14 +109,42 @@ def test_warmup_cosine_schedule():
 
 
 def test_deepspeed_config_checks(tmp_path):
-    config = load_deepspeed_config(ds_config(tmp_path / "a.json", 4, 2), data_parallel_size=3)
+    config = load_deepspeed_config(ds_config(tmp_path / "a.json", 4, 2), data_parallel_size=3, model=TINY)
     assert config["train_batch_size"] == 24
     with pytest.raises(ValueError, match="train_batch_size 16 != .* data-parallel size 3"):
-        load_deepspeed_config(ds_config(tmp_path / "b.json", 4, 2, train_batch_size=16), data_parallel_size=3)
+        load_deepspeed_config(ds_config(tmp_path / "b.json", 4, 2, train_batch_size=16), 3, TINY)
     with pytest.raises(ValueError, match="remove the 'optimizer' section"):
-        load_deepspeed_config(ds_config(tmp_path / "c.json", 4, 1, optimizer={"type": "Adam"}), 1)
+        load_deepspeed_config(ds_config(tmp_path / "c.json", 4, 1, optimizer={"type": "Adam"}), 1, TINY)
     with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu must be a positive integer"):
-        load_deepspeed_config(ds_config(tmp_path / "d.json", 0, 1), 1)
+        load_deepspeed_config(ds_config(tmp_path / "d.json", 0, 1), 1, TINY)
+
+
+@pytest.mark.parametrize("name", ["zero3_cpu", "zero3_gpu_bf16"])
+def test_shipped_deepspeed_configs_size_buffers_to_the_model(name):
+    """Their "auto" sizes: h^2, 0.9 h^2, 10 h and one decoder layer (counted on the real module, or from
+    Llama-2-7B's published 6,738,415,616 parameters)."""
+    big = LlamaConfig.from_json(str(REPO / "configs" / "models" / "llama-2-7b.json"))
+    tiny_layer = sum(p.numel() for p in Llama(TINY).layers[0].parameters())
+    big_layer = (6738415616 - 2 * 32000 * 4096 - 4096) // 32  # less the embeddings and the final norm
+    for model, layer in ((TINY, tiny_layer), (big, big_layer)):
+        zero = load_deepspeed_config(str(REPO / "configs" / "deepspeed" / f"{name}.json"), 2, model)
+        zero, h = zero["zero_optimization"], model.hidden_size
+        assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"],
+                zero["stage3_param_persistence_threshold"]) == (h * h, int(0.9 * h * h), 10 * h)
+        assert (zero["stage3_max_live_parameters"], zero["stage3_max_reuse_distance"], zero["sub_group_size"]) \
+            == (layer, layer, layer)
+
+
+@pytest.mark.parametrize("section, key", [(None, "train_micro_batch_size_per_gpu"), ("zero_optimization", "stage"),
+                                          ("bf16", "enabled")])
+def test_deepspeed_config_refuses_auto_elsewhere(tmp_path, section, key):
+    config = json.loads((REPO / "configs" / "deepspeed" / "zero3_cpu.json").read_text())
+    (config[section] if section else config)[key] = "auto"
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    where = f"{section}.{key}" if section else key
+    with pytest.raises(ValueError, match=rf'{where} is "auto"; only these zero_optimization sizes may be "auto": '
+                                         r'reduce_bucket_size, allgather_bucket_size, stage3_prefetch_bucket_size'):
+        load_deepspeed_config(str(tmp_path / "ds.json"), 1, TINY)
 
 
 # ---- end to end ---------------------------------------------------------------------------------------
@@ -155,7 +188,7 @@ def test_single_rank_trains_logs_and_checkpoints(corpus, reference_run):
 
 def test_layouts_reproduce_the_single_rank_curve(corpus, reference_run, dp2_run, tmp_path):
     """ZeRO-3 with TP=2 x DP=1 (mpirun, activation checkpointing), TP=1 x DP=2 (deepspeed launcher), TP=2 x DP=2
-    (mpirun -np 4)."""
+    (mpirun -np 4). The validation loss (7 rows: at DP=2 split 4 + 3, the second rank padded) is the same too."""
     tp2 = tmp_path / "tp2"
     launch("mpirun", 2, train_args(corpus, tp2, ds_config(tmp_path / "tp2.json", 2, 2), "--tensor_parallel", "2",
                                    "--activation_checkpointing"))  # recomputation must not change the curve
@@ -165,6 +198,8 @@ def test_layouts_reproduce_the_single_rank_curve(corpus, reference_run, dp2_run,
     for run in (tp2, dp2_run, tp2dp2):
         np.testing.assert_allclose(losses(run), reference, rtol=0, atol=1e-4, err_msg=str(run))
         assert [r["drop_rate"] for r in records(run)] == [r["drop_rate"] for r in records(reference_run)]
+        np.testing.assert_allclose([r["val_loss"] for r in records(run, "val")],
+                                   [r["val_loss"] for r in records(reference_run, "val")], rtol=1e-5, err_msg=str(run))
 
 
 @pytest.mark.parametrize("point, step", [("step", 7), ("checkpoint", 10)])
@@ -260,12 +295,49 @@ def test_host_memory_of_import_and_export_is_bounded(corpus, tmp_path):
     assert index["metadata"]["total_size"] == model and len(set(index["weight_map"].values())) >= 6
 
 
+# ---- the default job: built-in corpus (478 training rows and 10 validation rows of 257 tokens) ---------------
+
+def check_default_job(out: Path, rows_per_step: int) -> None:
+    """Two steps of rows_per_step rows (micro x accumulation x ranks) trained, then validated at the last step."""
+    train, val = records(out), records(out, "val")
+    assert [r["step"] for r in train] == [1, 2] and train[-1]["input_tokens"] == 2 * rows_per_step * 256
+    assert [r["step"] for r in val] == [2] and 0 < val[0]["val_loss"] < 20
+
+
+def test_readme_quick_start_command_trains_validates_and_exports(tmp_path):
+    """README's main-job command, as written, at 2 CPU ranks (--num_gpus 2): 10 validation rows, 16 per step."""
+    readme = (REPO / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if line.startswith("deepspeed scripts/pretrain.py")).split()
+    out = tmp_path / "run"
+    command = [launcher("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), *command[1:],
+               "--max_steps", "2", "--out_dir", str(out), "--no-progress"]
+    result = subprocess.run(command, cwd=REPO, env=launch_env(2), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    check_default_job(out, rows_per_step=8 * 2)
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000002"
+    assert {"config.json", "model.safetensors", "tokenizer.model"} <= {f.name for f in (out / "hf").iterdir()}
+
+
+@pytest.mark.parametrize("kind, nproc, config, rows_per_step", [
+    ("python", 1, None, 8),                        # the embedded default (zero3_cpu.json without a GPU)
+    ("mpirun", 3, "zero3_cpu.json", 8 * 3),        # validation rows 4 + 3 + 3
+    ("torchrun", 4, "zero3_gpu_bf16.json", 4 * 8 * 4),  # bf16 on CPU; a global batch of 128 rows
+])
+def test_default_job_runs_at_any_world_size(tmp_path, kind, nproc, config, rows_per_step):
+    """With the deepspeed launcher at 2 ranks above: every launcher and 1-4 ranks, each shipped DeepSpeed config."""
+    args = ["--out_dir", str(tmp_path / "run"), "--max_steps", "2", "--no-progress", "--no-export_hf"]
+    launch(kind, nproc, args + (["--deepspeed_config", str(REPO / "configs" / "deepspeed" / config)] if config else []))
+    check_default_job(tmp_path / "run", rows_per_step)
+
+
 BAD_INPUTS = {
     "goldfish k of 1": (["--goldfish_k", "1"], "k must be an integer >= 2"),
     "missing shard": ("missing", "is missing"),
     "corrupt shard": ("truncated", "is corrupt"),
     "tokenizer larger than the model": (["--model_config", "small-vocab"], "more than the model's vocab_size"),
     "batch sizes vs world size": ("batch", "train_batch_size 64 != "),
+    "fewer rows than one global batch": ("global batch", "fewer than one global batch of 4096"),
+    "empty validation data": ("empty val", "has no row of --seq_len + 1 = 65 tokens"),
 }
 
 
@@ -283,6 +355,11 @@ def test_bad_input_is_a_clear_error_before_training(corpus, tmp_path, case):
         shard.write_bytes(shard.read_bytes()[:-10])
     elif change == "batch":
         config = ds_config(tmp_path / "ds.json", 2, 1, train_batch_size=64)
+    elif change == "global batch":
+        config = ds_config(tmp_path / "ds.json", 64, 64)
+    elif change == "empty val":
+        write_packed_shards([[1, 5, 6, 2]], str(tmp_path / "val"), 2048)  # 4 tokens: no row of 65
+        extra = ["--val_data", str(tmp_path / "val")]
     elif change[1] == "small-vocab":
         small = json.loads((corpus / "model.json").read_text())
         (tmp_path / "small.json").write_text(json.dumps({**small, "vocab_size": 1024}))
@@ -299,14 +376,13 @@ def test_bad_input_is_a_clear_error_before_training(corpus, tmp_path, case):
 @pytest.mark.parametrize("name, world", [("tiny_cpu", 1), ("tinyllama-1.1b_8gpu", 8), ("llama-2-7b_2x8gpu", 16)])
 def test_shipped_run_configs_are_consistent(name, world, monkeypatch):
     """configs/train/*.json parse, name existing model and DeepSpeed configs, and fit their world sizes."""
-    from goldfish_ds.models import LlamaConfig
     from goldfish_ds.training import parse_args
 
     monkeypatch.chdir(REPO)
     args = parse_args(["--config", f"configs/train/{name}.json"])
     cfg = LlamaConfig.from_json(args.model_config)
     assert cfg.num_key_value_heads % args.tensor_parallel == 0 and world % args.tensor_parallel == 0
-    ds = load_deepspeed_config(args.deepspeed_config, data_parallel_size=world // args.tensor_parallel)
+    ds = load_deepspeed_config(args.deepspeed_config, world // args.tensor_parallel, cfg)
     assert ds["train_batch_size"] % (world // args.tensor_parallel) == 0
 
 

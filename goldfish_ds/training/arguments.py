@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "command line overrides it")
     run = p.add_argument_group("run")
     run.add_argument("--deepspeed_config", default=None,
-                     help="DeepSpeed JSON config (batch sizes, ZeRO stage, bf16, gradient_clipping); default "
+                     help="DeepSpeed JSON config (batch sizes, ZeRO stage, bf16, gradient_clipping; bucket and "
+                          "prefetch sizes given as \"auto\" are fitted to the model); default "
                           "configs/deepspeed/zero3_cpu.json without a GPU, zero3_gpu_bf16.json with one")
     run.add_argument("--out_dir", default="runs/default", help="checkpoints/, metrics.jsonl, tensorboard/, hf/")
     run.add_argument("--max_steps", type=int, default=300, help="optimizer steps to train for (in total, "
@@ -88,7 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     log = p.add_argument_group("logging, validation and checkpoints")
     log.add_argument("--log_interval", type=int, default=1, help="steps between metric records")
     log.add_argument("--eval_interval", type=int, default=50, help="steps between validation losses (0: never)")
-    log.add_argument("--eval_batches", type=int, default=4, help="micro-batches per rank in a validation pass")
+    log.add_argument("--eval_rows", type=int, default=256,
+                     help="validation rows per validation pass: the first N of --val_data (all of them if it has "
+                          "fewer), split across the data-parallel ranks; the same rows, and the same loss, for any "
+                          "number of ranks, tensor parallelism and batch sizes")
     log.add_argument("--save_interval", type=int, default=100, help="steps between checkpoints (and at the end)")
     log.add_argument("--keep_checkpoints", type=int, default=2, help="complete checkpoints kept on disk")
     log.add_argument("--export_hf", action=argparse.BooleanOptionalAction, default=True,
@@ -113,7 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise ValueError(f"--config {args.config}: unknown options {unknown}")
         parser.set_defaults(**values)
         args = parser.parse_args(argv)
-    for name in ("max_steps", "seq_len", "tensor_parallel", "log_interval", "eval_batches", "save_interval",
+    for name in ("max_steps", "seq_len", "tensor_parallel", "log_interval", "eval_rows", "save_interval",
                  "keep_checkpoints"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")

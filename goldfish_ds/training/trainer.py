@@ -1,15 +1,16 @@
 """The pretraining job: a Llama on DeepSpeed (ZeRO 1-3) with tensor parallelism and the goldfish loss.
 
 `run(args)` does everything `scripts/pretrain.py` promises, in this order: start torch.distributed for
-whichever launcher started the ranks, build the TP/DP groups, check every input (DeepSpeed config,
-data, tokenizer, model config, goldfish options) before any model is built, build the model under
-`deepspeed.zero.Init`, wrap it in a DeepSpeed engine with AdamW and the warmup-cosine schedule, resume
-if asked, then train, log, validate, checkpoint and export.
+whichever launcher started the ranks, build the TP/DP groups, check every input (model config, DeepSpeed
+config with its "auto" sizes fitted to the model, data, tokenizer, goldfish options) before any model is
+built, build the model under `deepspeed.zero.Init`, wrap it in a DeepSpeed engine with AdamW and the
+warmup-cosine schedule, resume if asked, then train, log, validate, checkpoint and export.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 import warnings
@@ -23,6 +24,7 @@ import torch.distributed as dist
 
 from goldfish_ds.config import GoldfishConfig
 from goldfish_ds.data import (
+    PADDING,
     PackedTokenDataset,
     ShardedSampler,
     Tokenizer,
@@ -81,16 +83,16 @@ class Job:
         self.device = torch.device(f"cuda:{self.launch.local_rank}" if torch.cuda.is_available() else "cpu")
         self.out_dir = Path(args.out_dir)
 
+        self.model_cfg = LlamaConfig.from_json(str(Path(args.init_from_hf) / "config.json") if args.init_from_hf
+                                               else args.model_config)
         ds_path = args.deepspeed_config or (DEFAULT_GPU_DEEPSPEED_CONFIG if torch.cuda.is_available()
                                             else DEFAULT_CPU_DEEPSPEED_CONFIG)
-        self.ds_config = load_deepspeed_config(ds_path, self.dp_size)
+        self.ds_config = load_deepspeed_config(ds_path, self.dp_size, self.model_cfg)  # "auto" sizes from the model
         self.micro_batch = self.ds_config["train_micro_batch_size_per_gpu"]
         self.accumulation = self.ds_config["gradient_accumulation_steps"]
         self.dtype = torch.bfloat16 if self.ds_config.get("bf16", {}).get("enabled") else (
             torch.float16 if self.ds_config.get("fp16", {}).get("enabled") else torch.float32)
 
-        self.model_cfg = LlamaConfig.from_json(str(Path(args.init_from_hf) / "config.json") if args.init_from_hf
-                                               else args.model_config)
         self.data_dir, self.val_dir, self.tokenizer_path = self._resolve_data()
         self.train_set = PackedTokenDataset(self.data_dir, args.seq_len, verify=args.verify_data)
         self.val_set = PackedTokenDataset(self.val_dir, args.seq_len) if self.val_dir else None
@@ -99,12 +101,18 @@ class Job:
         self.goldfish: GoldfishConfig | None = goldfish_config(args, tokenizer.special_ids if tokenizer else ())
         self.ignore_index = self.goldfish.ignore_index if self.goldfish else -100
 
+        global_batch = self.micro_batch * self.accumulation * self.dp_size
+        if len(self.train_set) < global_batch:
+            raise ValueError(f"training data {self.data_dir} has {len(self.train_set)} rows of {args.seq_len + 1} "
+                             f"tokens, fewer than one global batch of {global_batch} (--deepspeed_config {ds_path}: "
+                             f"train_micro_batch_size_per_gpu {self.micro_batch} x gradient_accumulation_steps "
+                             f"{self.accumulation} x {self.dp_size} data-parallel ranks): use more data (--data), a "
+                             "shorter --seq_len, smaller batches or fewer ranks")
+        if self.val_set is not None and len(self.val_set) == 0:
+            raise ValueError(f"--val_data {self.val_dir} has no row of --seq_len + 1 = {args.seq_len + 1} tokens: "
+                             "give more validation text or a shorter --seq_len")
         self.sampler = ShardedSampler(len(self.train_set), self.dp_rank, self.dp_size, seed=args.data_seed,
                                       micro_batch_size=self.micro_batch, accumulation_steps=self.accumulation)
-        if self.val_set is not None and len(self.val_set) < self.dp_size * self.micro_batch:
-            raise ValueError(f"validation data {self.val_dir} has {len(self.val_set)} rows of {args.seq_len + 1} "
-                             f"tokens, fewer than one micro-batch per data-parallel rank ({self.dp_size} x "
-                             f"{self.micro_batch})")
         self.memory = HostMemoryPhases(str(self.out_dir))
         self.engine = self._build_engine(deepspeed)
         self.checkpoints = CheckpointManager(str(self.out_dir / "checkpoints"), keep=args.keep_checkpoints)
@@ -190,10 +198,11 @@ class Job:
             return self.checkpoints.save(self.engine, self.step, self.client_state())
 
     # ---- steps --------------------------------------------------------------------------------------
-    def _batch(self, rows: Iterator[int], dataset: PackedTokenDataset) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = torch.stack([dataset[next(rows)] for _ in range(self.micro_batch)]).to(self.device)
+    def _batch(self, rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and labels [B, seq_len] from B rows of seq_len + 1 ids; negative ids (PADDING) are not targets."""
+        tokens = torch.stack(rows).to(self.device)
         labels = tokens[:, 1:]
-        labels = torch.where(labels < 0, self.ignore_index, labels)  # padding of canary rows
+        labels = torch.where(labels < 0, self.ignore_index, labels)  # canary rows' tails, validation filler rows
         return tokens[:, :-1].clamp_min(0), labels
 
     def train_step(self, rows: Iterator[int]) -> dict:
@@ -201,7 +210,7 @@ class Job:
         sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # kept, dropped, kept/dropped loss, inputs
         lr = self.engine.get_lr()[0]
         for _ in range(self.accumulation):
-            inputs, labels = self._batch(rows, self.train_set)
+            inputs, labels = self._batch([self.train_set[next(rows)] for _ in range(self.micro_batch)])
             local_logits = self.engine(inputs)
             loss, stats = vocab_parallel_goldfish_cross_entropy(local_logits, labels, self.goldfish,
                                                                 step=self.step, return_stats=True)
@@ -226,13 +235,21 @@ class Job:
 
     @torch.no_grad()
     def validation_loss(self) -> float:
-        """Mean standard (not goldfish) loss over a fixed set of validation rows, all DP ranks together."""
+        """Mean standard (not goldfish) loss over every target of the first --eval_rows validation rows.
+
+        Row i goes to data-parallel rank i % dp_size. Every rank runs the same number of micro-batches
+        (under ZeRO-3 each forward gathers parameters with collectives), filled up with PADDING rows that
+        hold no target, so the rows evaluated, and the loss up to float rounding, are the same for any layout.
+        """
         self.engine.eval()
-        rows_per_rank = min(self.args.eval_batches * self.micro_batch, len(self.val_set) // self.dp_size)
-        rows = iter(range(self.dp_rank, rows_per_rank * self.dp_size, self.dp_size))
+        num_rows = min(self.args.eval_rows, len(self.val_set))
+        mine = range(self.dp_rank, num_rows, self.dp_size)
+        passes = math.ceil(math.ceil(num_rows / self.dp_size) / self.micro_batch)
+        padding = torch.full((self.args.seq_len + 1,), PADDING, dtype=torch.int64)
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, targets
-        for _ in range(rows_per_rank // self.micro_batch):
-            inputs, labels = self._batch(rows, self.val_set)
+        for first in range(0, passes * self.micro_batch, self.micro_batch):
+            rows = [self.val_set[row] for row in mine[first:first + self.micro_batch]]
+            inputs, labels = self._batch(rows + [padding] * (self.micro_batch - len(rows)))
             loss = vocab_parallel_goldfish_cross_entropy(self.engine(inputs), labels, None, reduction="sum",
                                                          in_place=False)
             sums += torch.stack([loss.double(), labels.ne(self.ignore_index).sum().double()])
