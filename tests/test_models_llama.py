@@ -5,6 +5,7 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import pytest
+from safetensors.torch import save_file
 import torch
 
 from distributed import run_distributed
@@ -79,7 +80,7 @@ def test_logits_equal_hf_transformers(tmp_path, case, tied):
     if case != "default":  # the RoPE settings matter here: plain RoPE (theta 10000) gives other logits
         cfg = LlamaConfig.from_json(str(path / "config.json"))
         plain = Llama(replace(cfg, rope_parameters=RopeParameters())).eval()
-        load_hf_llama(plain, read_hf_state_dict(str(path)))
+        load_hf_llama(plain, str(path))
         with torch.no_grad():
             assert rel(plain(IDS), expected) > 1e-3
 
@@ -225,7 +226,7 @@ def test_field_table_covers_every_transformers_llama_config_field():
 
 
 @pytest.mark.parametrize("key, value, kind", FIELD_TABLE, ids=[f"{kind}-{key}" for key, _, kind in FIELD_TABLE])
-def test_hf_config_field_is_implemented_ignored_or_refused(key, value, kind):
+def test_hf_config_field_is_implemented_ignored_or_refused(tmp_path, key, value, kind):
     values = {**TABLE_BASE, key: value}
     if kind == "refused":
         with pytest.raises(ValueError, match=key):
@@ -236,8 +237,9 @@ def test_hf_config_field_is_implemented_ignored_or_refused(key, value, kind):
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig.from_dict(values)).eval()
     hf.config.return_dict = True  # the output container only (transformers 5.24's forward fails without it)
+    save_file({k: v.clone() for k, v in hf.state_dict().items()}, str(tmp_path / "model.safetensors"))  # weights only
     ours = Llama(cfg).eval()
-    load_hf_llama(ours, hf.state_dict())
+    load_hf_llama(ours, str(tmp_path))
     with torch.no_grad():
         torch.testing.assert_close(ours(IDS), hf(IDS).logits, rtol=1e-5, atol=1e-5)
 

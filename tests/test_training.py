@@ -309,10 +309,12 @@ def test_readme_quick_start_command_trains_validates_and_exports(tmp_path):
     readme = (REPO / "README.md").read_text()
     command = next(line for line in readme.splitlines() if line.startswith("deepspeed scripts/pretrain.py")).split()
     out = tmp_path / "run"
-    command = [launcher("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), *command[1:],
+    port = free_port()
+    command = [launcher("deepspeed"), "--num_gpus", "2", "--master_port", str(port), *command[1:],
                "--max_steps", "2", "--out_dir", str(out), "--no-progress"]
     result = subprocess.run(command, cwd=REPO, env=launch_env(2), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))  # DeepSpeed's, unlinked
     check_default_job(out, rows_per_step=8 * 2)
     assert (out / "checkpoints" / "latest").read_text() == "step_00000002"
     assert {"config.json", "model.safetensors", "tokenizer.model"} <= {f.name for f in (out / "hf").iterdir()}
