@@ -71,9 +71,10 @@ class Job:
         import deepspeed
 
         self.args = args
-        self.launch = init_distributed()
+        self.launch = init_distributed(timeout_s=args.dist_timeout, master_addr=args.master_addr,
+                                       master_port=args.master_port, network_interface=args.network_interface)
         deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts the process group just created
-        initialize_model_parallel(args.tensor_parallel)
+        initialize_model_parallel(args.tensor_parallel, timeout_s=args.dist_timeout)
         self.rank, self.dp_rank, self.dp_size = dist.get_rank(), data_parallel_rank(), data_parallel_world_size()
         self.device = torch.device(f"cuda:{self.launch.local_rank}" if torch.cuda.is_available() else "cpu")
         self.out_dir = Path(args.out_dir)
