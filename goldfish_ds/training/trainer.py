@@ -43,7 +43,7 @@ from goldfish_ds.training.arguments import (
     goldfish_config,
 )
 from goldfish_ds.training.builtin_corpus import prepare_builtin_corpus
-from goldfish_ds.training.checkpoint import CheckpointManager
+from goldfish_ds.training.checkpoint import CheckpointManager, check_shared_directory
 from goldfish_ds.training.deepspeed_config import load_deepspeed_config
 from goldfish_ds.training.export import export_hf
 from goldfish_ds.training.faults import maybe_crash
@@ -78,6 +78,7 @@ class Job:
         self.rank, self.dp_rank, self.dp_size = dist.get_rank(), data_parallel_rank(), data_parallel_world_size()
         self.device = torch.device(f"cuda:{self.launch.local_rank}" if torch.cuda.is_available() else "cpu")
         self.out_dir = Path(args.out_dir)
+        check_shared_directory(self.out_dir)  # before rank 0 writes anything there for the others
 
         ds_path = args.deepspeed_config or (DEFAULT_GPU_DEEPSPEED_CONFIG if torch.cuda.is_available()
                                             else DEFAULT_CPU_DEEPSPEED_CONFIG)
