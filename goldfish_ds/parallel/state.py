@@ -7,6 +7,7 @@ on GPU), however the ranks were launched.
 """
 from __future__ import annotations
 
+import datetime
 from typing import Optional
 
 import torch.distributed as dist
@@ -15,8 +16,12 @@ _TP_GROUP: Optional[dist.ProcessGroup] = None
 _DP_GROUP: Optional[dist.ProcessGroup] = None
 
 
-def initialize_model_parallel(tensor_parallel_size: int) -> None:
-    """Create this rank's TP and DP groups. `tensor_parallel_size` must divide the world size."""
+def initialize_model_parallel(tensor_parallel_size: int, timeout_s: Optional[float] = None) -> None:
+    """Create this rank's TP and DP groups. `tensor_parallel_size` must divide the world size.
+
+    timeout_s bounds the groups' collectives (torch gives new groups 30 minutes, not the default group's
+    timeout); None keeps torch's default.
+    """
     global _TP_GROUP, _DP_GROUP
     if not dist.is_initialized():
         raise RuntimeError("initialize_model_parallel: torch.distributed is not initialised "
@@ -28,13 +33,14 @@ def initialize_model_parallel(tensor_parallel_size: int) -> None:
         raise ValueError(f"initialize_model_parallel: tensor_parallel_size must be a positive divisor of the world "
                          f"size {world}, got {tensor_parallel_size!r}")
     tp = tensor_parallel_size
+    timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
     # Every rank creates every group, in the same order, as torch.distributed.new_group requires.
     for start in range(0, world, tp):
-        group = dist.new_group(list(range(start, start + tp)))
+        group = dist.new_group(list(range(start, start + tp)), timeout=timeout)
         if start <= rank < start + tp:
             _TP_GROUP = group
     for first in range(tp):
-        group = dist.new_group(list(range(first, world, tp)))
+        group = dist.new_group(list(range(first, world, tp)), timeout=timeout)
         if rank % tp == first:
             _DP_GROUP = group
 

@@ -42,6 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data_seed", type=int, default=0, help="seed of the per-epoch row order")
     run.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the deepspeed launcher
 
+    net = p.add_argument_group("several hosts (see the README's Multi-node section)")
+    net.add_argument("--master_addr", default=None,
+                     help="rank 0's address, reachable from every host (default: MASTER_ADDR, or the launcher's: "
+                          "torchrun/deepspeed's, Slurm's first node; under MPI rank 0 picks its own)")
+    net.add_argument("--master_port", type=int, default=None,
+                     help="rank 0's rendezvous port (default: MASTER_PORT, or the launcher's; under MPI a free one)")
+    net.add_argument("--network_interface", default=None,
+                     help="interface for the ranks' traffic, e.g. eth0 or ib0: sets GLOO_SOCKET_IFNAME and "
+                          "NCCL_SOCKET_IFNAME (default: gloo uses the interface that reaches rank 0)")
+    net.add_argument("--dist_timeout", type=float, default=600.0,
+                     help="seconds a collective may wait: a lost rank or host stops the others with an error "
+                          "after this long")
+
     model = p.add_argument_group("model")
     model.add_argument("--model_config", default=DEFAULT_MODEL_CONFIG,
                        help="Llama config JSON (ours or an HF config.json)")
@@ -124,6 +137,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("warmup_steps", "eval_interval"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if not args.dist_timeout > 0:
+        raise ValueError(f"--dist_timeout must be > 0 seconds, got {args.dist_timeout}")
     if not args.lr > 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
     if not 0 <= args.min_lr <= args.lr:

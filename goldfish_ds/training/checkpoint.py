@@ -5,13 +5,16 @@ DeepSpeed's files (model and optimizer shards of every rank, our client state wi
 data position) and one `rank_XXXXX.pt` per rank (its RNG states); and `latest`, the tag of the newest
 complete one. A save goes to `step_XXXXXXXX.partial/`; when every rank has written its files (a
 barrier), rank 0 syncs them to disk, renames the directory to its final name and then replaces `latest`
-(both atomic renames). DeepSpeed's own `latest` file is not used.
+(both atomic renames). DeepSpeed's own `latest` file is not used. `check_shared_directory` makes sure at
+start that every rank sees the same out_dir, as the checkpoints need.
 """
 from __future__ import annotations
 
 import os
 import random
+import secrets
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +40,33 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def check_shared_directory(directory: Path) -> None:
+    """Every rank must see the same `directory` (--out_dir): rank 0 writes a file with a random token there and
+    every rank reads it back. A rank that does not see it (a node-local disk where the others have shared
+    storage) is an error on every rank, naming the directory and the ranks, before anything is trained."""
+    if dist.get_world_size() == 1:
+        return
+    token = [secrets.token_hex(16) if dist.get_rank() == 0 else None]
+    if dist.get_rank() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / f".shared_{token[0]}").write_text(token[0])
+    dist.broadcast_object_list(token, src=0)
+    probe = directory / f".shared_{token[0]}"  # a new name each time: no client can have cached its absence
+    try:
+        seen = probe.read_text() == token[0]
+    except OSError:
+        seen = False
+    views = [None] * dist.get_world_size()
+    dist.all_gather_object(views, (seen, socket.gethostname()))
+    if dist.get_rank() == 0:
+        probe.unlink()
+    blind = [f"{rank} on {host}" for rank, (ok, host) in enumerate(views) if not ok]
+    if blind:
+        raise ValueError(f"--out_dir {directory} is not shared by every rank: ranks {', '.join(blind)} do not see "
+                         f"the file rank 0 wrote there ({probe.name}). Every rank writes its checkpoint shards "
+                         f"into out_dir: it must be one directory on storage every host mounts at the same path")
 
 
 def rng_states() -> dict:

@@ -47,7 +47,7 @@ from goldfish_ds.training.arguments import (
     goldfish_config,
 )
 from goldfish_ds.training.builtin_corpus import prepare_builtin_corpus
-from goldfish_ds.training.checkpoint import CheckpointManager
+from goldfish_ds.training.checkpoint import CheckpointManager, check_shared_directory
 from goldfish_ds.training.deepspeed_config import load_deepspeed_config
 from goldfish_ds.training.export import export_hf
 from goldfish_ds.training.faults import maybe_crash
@@ -89,13 +89,15 @@ class Job:
         import deepspeed
 
         self.args = args
-        self.launch = init_distributed()
+        self.launch = init_distributed(timeout_s=args.dist_timeout, master_addr=args.master_addr,
+                                       master_port=args.master_port, network_interface=args.network_interface)
         deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts the process group just created
         unlink_deepspeed_shm_buffer()
-        initialize_model_parallel(args.tensor_parallel)
+        initialize_model_parallel(args.tensor_parallel, timeout_s=args.dist_timeout)
         self.rank, self.dp_rank, self.dp_size = dist.get_rank(), data_parallel_rank(), data_parallel_world_size()
         self.device = torch.device(f"cuda:{self.launch.local_rank}" if torch.cuda.is_available() else "cpu")
         self.out_dir = Path(args.out_dir)
+        check_shared_directory(self.out_dir)  # before rank 0 writes anything there for the others
 
         self.model_cfg = LlamaConfig.from_json(str(Path(args.init_from_hf) / "config.json") if args.init_from_hf
                                                else args.model_config)
