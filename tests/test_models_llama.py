@@ -5,8 +5,8 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import pytest
-from safetensors.torch import save_file
 import torch
+from safetensors.torch import save_file
 
 from distributed import run_distributed
 from goldfish_ds import GoldfishConfig, goldfish_cross_entropy
