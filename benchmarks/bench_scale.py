@@ -34,8 +34,8 @@ stage-3 optimizer keeps the fp32 model partition as its master copy only when `t
 which compares a torch.device with a str ('cpu') and is always False, so it clones it. A 1.1B model then needs 22 GB
 of model states on 2 ranks, more than this 24 GiB machine has beside two Python processes; in bf16 it needs 17.6 GB
 (2 + 2 + 4 + 8 bytes), which is also the precision DeepSpeed's estimate (18 bytes) is made for.
-About 8 (tp2) to 25 (dp2, with the HF run) minutes per model on 2 cores; each run's directory (up to 20 GB of checkpoints) is deleted after
-its model unless --keep. Usage:
+About 8 (tp2) to 25 (dp2, with the HF run) minutes per model on 2 cores; each run's directory (up to 20 GB of
+checkpoints) is deleted after its model unless --keep. Usage:
   python benchmarks/bench_scale.py [--models tinyllama-1.1b llama-3.2-1b] [--layouts dp2 tp2] [--seq_len 64]
   python benchmarks/bench_scale.py --estimate configs/train/llama-2-7b_2x8gpu.json --world 16   (formulas only)
 """
