@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table  # noqa: E402
 
 from goldfish_ds.models import LlamaConfig  # noqa: E402
+from goldfish_ds.models.hf import parse_size  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = str(REPO / "scripts" / "pretrain.py")
@@ -208,11 +209,6 @@ def bench(model: str, layout: str, data: dict, root: Path, seq_len: int, steps: 
                   activations=activation_bytes(cfg, tp, seq_len, width), shard_bytes=parse_size(SHARD),
                   bytes_per_value=width)
     return result
-
-
-def parse_size(text: str) -> int:
-    units = {"GB": 10**9, "MB": 10**6}
-    return int(float(text[:-2]) * units[text[-2:]])
 
 
 # ---- the report ------------------------------------------------------------------------------------------

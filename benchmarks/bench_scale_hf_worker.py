@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from goldfish_ds.data import PackedTokenDataset, ShardedSampler
-from goldfish_ds.models import LlamaConfig
+from goldfish_ds.models import HFCheckpoint, LlamaConfig
 from goldfish_ds.parallel import data_parallel_group, init_distributed, initialize_model_parallel, mpu
 from goldfish_ds.training.deepspeed_config import load_deepspeed_config
 from goldfish_ds.training.metrics import peak_rss_bytes, reset_peak_rss
@@ -27,35 +27,22 @@ from goldfish_ds.training.optim import adamw, lr_scheduler
 from goldfish_ds.training.trainer import select_accelerator, unlink_deepspeed_shm_buffer
 
 
-def checkpoint_tensors(directory: Path) -> dict:
-    """{tensor name: safetensors file} of an HF directory (sharded or not)."""
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        return {name: directory / file for name, file in json.loads(index.read_text())["weight_map"].items()}
-    from safetensors import safe_open
-
-    with safe_open(str(directory / "model.safetensors"), "pt") as f:
-        return {name: directory / "model.safetensors" for name in f.keys()}
-
-
 def load_into_zero3(model: torch.nn.Module, directory: Path) -> None:
     """Fill a ZeRO-3 partitioned HF model from its checkpoint, module by module, read on rank 0 only."""
     import deepspeed
-    from safetensors import safe_open
 
-    files = checkpoint_tensors(directory) if dist.get_rank() == 0 else {}
+    checkpoint = HFCheckpoint(str(directory)) if dist.get_rank() == 0 else None
     for prefix, module in model.named_modules():
         params = dict(module.named_parameters(recurse=False))
         if not params:
             continue
         with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0), torch.no_grad():
-            if dist.get_rank() == 0:
+            if checkpoint is not None:
                 for name, param in params.items():
                     key = f"{prefix}.{name}" if prefix else name
-                    if key not in files and key == "lm_head.weight":  # tied: the embedding's file holds it
+                    if key == "lm_head.weight" and key not in checkpoint.files:  # tied: the embedding holds it
                         key = "model.embed_tokens.weight"
-                    with safe_open(str(files[key]), "pt") as f:
-                        param.copy_(f.get_tensor(key))
+                    param.copy_(checkpoint.read(key))
 
 
 def main() -> None:
