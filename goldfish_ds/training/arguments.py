@@ -12,6 +12,7 @@ from pathlib import Path
 
 from goldfish_ds.config import STRATEGIES, WINDOWS, GoldfishConfig
 from goldfish_ds.models.hf import DEFAULT_MAX_SHARD_SIZE, parse_size
+from goldfish_ds.table import load_table
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_MODEL_CONFIG = str(REPO_CONFIGS / "models" / "tiny.json")
@@ -146,6 +147,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parse_size(args.hf_max_shard_size, "--hf_max_shard_size")
     if args.goldfish:
         goldfish_config(args, special_ids=())  # k, h, window... checked before anything starts
+        if args.goldfish_table_path:
+            load_table(args.goldfish_table_path)  # read at the first step otherwise, after the model is built
     return args
 
 
