@@ -2,9 +2,10 @@
 option or argument (and the allowed values where there are some).
 
 Four tables, to extend by adding rows:
-  API_REFUSALS       the Python API (loss, mask, configs, launch environments, HF checkpoints, DeepSpeed configs,
-                     a CPU that cannot run the extension's build);
-                     a row with ranks=2 runs its call on every rank of a 2-rank gloo job
+  API_REFUSALS       the Python API: loss and mask arguments, goldfish / model / DeepSpeed configs, tensor-parallel
+                     layers, data files, samplers, tokenizers, document sources, HF checkpoints, launch
+                     environments, a CPU that cannot run the extension's build; the rows with ranks=2 run on
+                     every rank of one shared 2-rank gloo job
   ARGUMENT_REFUSALS  scripts/pretrain.py options refused by parse_args, in this process
   JOB_REFUSALS       scripts/pretrain.py inputs refused while the job starts (data, tokenizer, model and DeepSpeed
                      configs, HF checkpoints, launch environments): all of them run in one worker process (this file
@@ -23,7 +24,7 @@ import shutil
 import subprocess
 import sys
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -35,12 +36,16 @@ from conftest import DEVICES
 from distributed import run_distributed
 from test_kernels import RECORDED_CPUS
 from goldfish_ds import GoldfishConfig, goldfish_cross_entropy, goldfish_mask
+from goldfish_ds.data import (CanarySet, PackedTokenDataset, ShardedSampler, builtin_documents, load_tokenizer,
+                              read_documents, train_sentencepiece, write_packed_shards)
 from goldfish_ds.kernels import check_cpu_supports
 from goldfish_ds.models import Llama, LlamaConfig, llama_from_hf, save_hf_llama
 from goldfish_ds.models.hf import HFCheckpoint, parse_size
-from goldfish_ds.parallel import destroy_model_parallel, initialize_model_parallel, vocab_parallel_goldfish_cross_entropy
+from goldfish_ds.parallel import (destroy_model_parallel, initialize_model_parallel, scatter_to_tensor_parallel_region,
+                                  vocab_parallel_goldfish_cross_entropy)
 from goldfish_ds.parallel.distributed import expand_hostlist, launch_environment
-from goldfish_ds.parallel.layers import VocabParallelLMHead
+from goldfish_ds.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                         VocabParallelLMHead)
 from goldfish_ds.training.deepspeed_config import load_deepspeed_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,6 +117,58 @@ def sharded_without_second(directory: Path) -> Path:
     return directory / "sharded"
 
 
+def packed(directory: Path, vocab: int = 1000, canary=None) -> Path:
+    """20 documents of 50 ids in shards of about 300 tokens (several shards), and the canaries if given."""
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.randint(4, vocab, (50,), generator=g).tolist() for _ in range(20)]
+    write_packed_shards(docs, str(directory), vocab, shard_tokens=300, canary=canary)
+    return directory
+
+
+def with_canaries(directory: Path) -> Path:
+    return packed(directory, 500, CanarySet(["x", "y"], [[1, 2, 3], [4] * 40], seq_len=16, repeats=2))
+
+
+def opened(directory: Path, seq_len: int = 32, change: Optional[Callable[[Path], object]] = None):
+    """PackedTokenDataset(directory) after change(directory); a same-size change must still open unverified."""
+    if change is not None:
+        change(directory)
+    return PackedTokenDataset(str(directory), seq_len, verify=True)
+
+
+def flipped(file: Path) -> Path:
+    """The first byte flipped: the same size, so only the sha256 tells."""
+    content = file.read_bytes()
+    file.write_bytes(bytes([content[0] ^ 1]) + content[1:])
+    PackedTokenDataset(str(file.parent), 16 if "canary" in file.name else 32)  # sizes are checked, and agree
+    return file
+
+
+def first_shard(directory: Path) -> Path:
+    return directory / json.loads((directory / "manifest.json").read_text())["shards"][0]["tokens"]
+
+
+def documents_of(tmp: Path, name: str, text_field: str = "text") -> list:
+    """read_documents of one input made in tmp: a.parquet (id, body), ds (save_to_disk Dataset), dd (a
+    DatasetDict of train and test), a.jsonl (a line without the field), a.csv, or a path as given."""
+    if name.startswith("a.parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"id": [0, 1], "body": ["one", "two"]}), tmp / "a.parquet")
+    elif name.split(":")[0] in ("ds", "dd"):
+        import datasets
+
+        datasets.Dataset.from_dict({"text": ["one"], "id": [0]}).save_to_disk(str(tmp / "ds"))
+        datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["one"]}),
+                              "test": datasets.Dataset.from_dict({"text": ["two"]})}).save_to_disk(str(tmp / "dd"))
+    elif name == "a.jsonl":
+        (tmp / "a.jsonl").write_text('{"text": "one"}\n{"body": "two"}\n')
+    elif name == "a.csv":
+        (tmp / "a.csv").write_text("text\none\n")
+    return list(read_documents([str(tmp / name)], text_field=text_field))
+
+
 # ---- the Python API ----------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -128,19 +185,27 @@ class Refusal:
     ranks: int = 1
 
 
-def tp_padded_vocab(rank: int):
+def on_tp2(make: Callable[[], object]) -> Callable[[int], object]:
+    """make(), on a rank of a 2-rank job, inside TP groups of 2."""
+    def call(rank: int):
+        initialize_model_parallel(2)
+        try:
+            return make()
+        finally:
+            destroy_model_parallel()
+    return call
+
+
+def tp_padded_vocab():
     """TP=2 over a real padded vocabulary: V = 99 columns split as 2 x 50, the last one -inf padding."""
-    initialize_model_parallel(2)
-    try:
-        head = VocabParallelLMHead(16, 99)
-        hidden = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(1))
-        labels = torch.randint(0, 99, (2, 8), generator=torch.Generator().manual_seed(2))
-        loss = vocab_parallel_goldfish_cross_entropy(head(hidden), labels, CFG, vocab_size=99)
-        assert torch.isfinite(loss)  # the real vocabulary is fine; its last label 98 too
-        labels[1, 3] = 99  # the padding column
-        return vocab_parallel_goldfish_cross_entropy(head(hidden), labels, CFG, vocab_size=99)
-    finally:
-        destroy_model_parallel()
+    head = VocabParallelLMHead(16, 99)
+    hidden = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(1))
+    labels = torch.randint(0, 99, (2, 8), generator=torch.Generator().manual_seed(2))
+    labels[0, 0] = 98  # the last real id
+    loss = vocab_parallel_goldfish_cross_entropy(head(hidden), labels, CFG, vocab_size=99)
+    assert torch.isfinite(loss)  # the real vocabulary is fine
+    labels[1, 3] = 99  # the padding column
+    return vocab_parallel_goldfish_cross_entropy(head(hidden), labels, CFG, vocab_size=99)
 
 
 def tp_shards(rank: int, labels_change: Optional[Callable] = None, **kwargs):
@@ -175,6 +240,15 @@ API_REFUSALS = [
     Refusal("GoldfishConfig table_path with another strategy",
             lambda t, d: GoldfishConfig(k=4, h=13, strategy="static", table_path="t.bin"), ValueError,
             "table_path applies only"),
+    Refusal("GoldfishConfig ignore_index not an integer", lambda t, d: GoldfishConfig(k=4, h=13, ignore_index=1.5),
+            ValueError, "ignore_index must be an integer, got 1.5"),
+    Refusal("GoldfishConfig seed past 64 bits", lambda t, d: GoldfishConfig(k=4, h=13, seed=2 ** 64), ValueError,
+            "seed must be a 64-bit integer"),
+    Refusal("goldfish table file without a tensor", lambda t, d: (torch.save({"table": 1}, t / "dict.pt"),
+                                                                  goldfish_mask(torch.zeros(1, 5, dtype=torch.int64),
+                                                                                GoldfishConfig(k=4, h=2, table_path=str(
+                                                                                    t / "dict.pt")))),
+            ValueError, "table file .*dict.pt' must hold a tensor, got dict"),
     Refusal("goldfish table_path missing",
             lambda t, d: goldfish_mask(torch.zeros(1, 5, dtype=torch.int64),
                                        GoldfishConfig(k=4, h=2, table_path="/nonexistent")),
@@ -185,6 +259,8 @@ API_REFUSALS = [
                                         GoldfishConfig(k=4, h=2, table_path=str(t / "short.pt")))),
             ValueError, "table file .* must hold 1000003 float32 values, got 10"),
     # mask
+    Refusal("goldfish_mask labels not a tensor", lambda t, d: goldfish_mask([1, 2, 3], CFG), TypeError,
+            "labels must be a torch.Tensor, got list"),
     Refusal("goldfish_mask labels not int64", lambda t, d: goldfish_mask(torch.zeros(2, 5, dtype=torch.int32), CFG),
             TypeError, "labels must be int64"),
     Refusal("goldfish_mask labels 3-D", lambda t, d: goldfish_mask(torch.zeros(2, 3, 5, dtype=torch.int64), CFG),
@@ -256,7 +332,7 @@ API_REFUSALS = [
             lambda t, d: ops.scale_rows_(torch.zeros(4, 10), torch.ones(3)), RuntimeError,
             r"scale must be float32 with 1 or N = 4 elements"),
     # vocab-parallel loss, on real gloo ranks
-    Refusal("vocab-parallel label in the TP padding [V, V_padded)", tp_padded_vocab, ValueError,
+    Refusal("vocab-parallel label in the TP padding [V, V_padded)", on_tp2(tp_padded_vocab), ValueError,
             r"labels must be in \[0, 99\) \(vocab_size 99, padded to 100 for 2 shards of 50\) or ignore_index=-100; "
             r"found 99", ranks=2),
     Refusal("vocab-parallel label past the shards", lambda r: tp_shards(r, label_at(200)), ValueError,
@@ -266,6 +342,26 @@ API_REFUSALS = [
     Refusal("vocab-parallel labels that differ between ranks",
             lambda r: tp_shards(r, label_at(lambda rank: rank), check_labels_match=True), ValueError,
             "labels differ between the tensor-parallel ranks", ranks=2),
+    # tensor-parallel layers and groups, on real gloo ranks
+    Refusal("ColumnParallelLinear out_features not divisible by TP", on_tp2(lambda: ColumnParallelLinear(4, 5)),
+            ValueError, r"out_features \(5\) must be divisible by the tensor-parallel size \(2\)", ranks=2),
+    Refusal("RowParallelLinear in_features not divisible by TP", on_tp2(lambda: RowParallelLinear(7, 4)),
+            ValueError, r"in_features \(7\) must be divisible by the tensor-parallel size \(2\)", ranks=2),
+    Refusal("VocabParallelEmbedding id outside the vocabulary", on_tp2(
+        lambda: VocabParallelEmbedding(10, 4)(torch.tensor([[3, 10]]))), ValueError, r"ids must be in \[0, 10\)",
+        ranks=2),
+    Refusal("VocabParallelLMHead tied to an embedding of another size", on_tp2(
+        lambda: VocabParallelLMHead(4, 10, tied=VocabParallelEmbedding(12, 4))), ValueError,
+        "the tied embedding must have the same vocabulary and hidden size", ranks=2),
+    Refusal("scatter of a last dimension not divisible by TP", on_tp2(
+        lambda: scatter_to_tensor_parallel_region(torch.zeros(2, 5))), ValueError,
+        r"the last dimension \(5\) must be divisible by the tensor-parallel size 2", ranks=2),
+    Refusal("Llama with more TP ranks than KV heads", on_tp2(lambda: Llama(replace(TINY, num_key_value_heads=1,
+                                                                                  num_attention_heads=4))),
+            ValueError, r"tensor-parallel size \(2\) must divide num_key_value_heads \(1\)", ranks=2),
+    Refusal("initialize_model_parallel with a size that does not divide the world",
+            lambda r: initialize_model_parallel(3), ValueError,
+            "tensor_parallel_size must be a positive divisor of the world size 2, got 3", ranks=2),
     # launch environments
     *[Refusal(f"launch environment {env}", lambda t, d, env=env: launch_environment(env), ValueError,
               f"{LAUNCH_ENV_SEVERAL}") for env in (
@@ -301,9 +397,20 @@ API_REFUSALS = [
         ("rope_parameters and rope_scaling that disagree", {"rope_parameters": {"rope_type": "linear", "factor": 2.0},
                                                              "rope_scaling": {"rope_type": "linear", "factor": 4.0}},
          "rope_parameters .* and rope_scaling .* disagree"),
+        ("odd head_dim", {"head_dim": 3}, r"head_dim \(3\) must be even"),
+        ("heads not divisible by the KV heads", {"num_attention_heads": 4, "num_key_value_heads": 3},
+         r"num_attention_heads \(4\) must be divisible by num_key_value_heads \(3\)"),
+        ("partial rotary embedding", {"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5 is not supported"),
+        ("llama3 rope with its frequency bands reversed", {"rope_scaling": {
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0,
+            "original_max_position_embeddings": 8}}, r"low_freq_factor \(4.0\) must be below high_freq_factor"),
+        ("rope keys of another rope type", {"rope_scaling": {"rope_type": "linear", "factor": 2.0, "beta_fast": 3}},
+         r"rope_scaling keys \['beta_fast'\] are not supported for rope_type 'linear'"),
         ("hidden_size not divisible by the heads", {"hidden_size": 9}, "hidden_size \\(9\\) must be divisible by "
                                                                         "num_attention_heads \\(2\\)"),
     )],
+    Refusal("LlamaConfig from a JSON list", lambda t, d: LlamaConfig.from_dict([1]), ValueError,
+            "a config must be a JSON object, got list"),
     Refusal("LlamaConfig without its sizes", lambda t, d: LlamaConfig.from_dict({"vocab_size": 10}), ValueError,
             "hidden_size, intermediate_size, num_hidden_layers, num_attention_heads missing"),
     Refusal("model config that is not JSON", lambda t, d: LlamaConfig.from_json(
@@ -325,6 +432,65 @@ API_REFUSALS = [
     Refusal("HF checkpoint index without weight_map", lambda t, d: HFCheckpoint(str(write_json(
         t / "model.safetensors.index.json", {}) and t)), ValueError,
         "model.safetensors.index.json is not an index of shards"),
+    # data files, samplers, tokenizers, document sources
+    Refusal("data shard truncated", lambda t, d: opened(packed(t), change=lambda p: truncated(
+        first_shard(p), 100)), ValueError, r"data file .*tokens_00000.bin is corrupt: 100 bytes, the manifest says"),
+    Refusal("data shard changed, same size", lambda t, d: opened(packed(t), change=lambda p: flipped(first_shard(p))),
+            ValueError, r"data file .*tokens_00000.bin is corrupt: its sha256 differs from the manifest's"),
+    Refusal("data shard missing", lambda t, d: opened(packed(t), change=lambda p: first_shard(p).unlink()),
+            FileNotFoundError, r"data file .*tokens_00000.bin listed in the manifest is missing"),
+    Refusal("data directory without a manifest", lambda t, d: opened(t), FileNotFoundError,
+            "has no manifest.json: not a packed data directory"),
+    Refusal("data read with seq_len 0", lambda t, d: opened(packed(t), seq_len=0), ValueError,
+            "PackedTokenDataset: seq_len must be >= 1, got 0"),
+    Refusal("token id outside the vocabulary written", lambda t, d: write_packed_shards([[1, 2, 10]], str(t), 10), ValueError, r"token ids must be in \[0, 10\), got \[1, 10\]"),
+    Refusal("canary rows of another seq_len", lambda t, d: opened(with_canaries(t), seq_len=32), ValueError,
+            "holds canary rows of seq_len 16, not the requested seq_len 32"),
+    Refusal("canary rows truncated", lambda t, d: opened(with_canaries(t), 16, lambda p: truncated(
+        p / "canary_rows.bin", 132)), ValueError, "canary_rows.bin is corrupt: 132 bytes, the manifest says 136"),
+    Refusal("canary rows changed, same size", lambda t, d: opened(with_canaries(t), 16, lambda p: flipped(
+        p / "canary_rows.bin")), ValueError, "canary_rows.bin is corrupt: its sha256 differs"),
+    Refusal("canary rows missing", lambda t, d: opened(with_canaries(t), 16, lambda p: (
+        p / "canary_rows.bin").unlink()), FileNotFoundError, "canary_rows.bin listed in the manifest is missing"),
+    Refusal("canary texts changed", lambda t, d: opened(with_canaries(t), 16, lambda p: (p / "canary.jsonl").write_bytes(
+        (p / "canary.jsonl").read_bytes().replace(b'"x"', b'"z"'))), ValueError,
+        "canary.jsonl is corrupt: its sha256 differs"),
+    Refusal("canary texts missing", lambda t, d: opened(with_canaries(t), 16, lambda p: (p / "canary.jsonl").unlink()),
+            FileNotFoundError, "canary.jsonl listed in the manifest is missing"),
+    *[Refusal(f"CanarySet {what}", lambda t, d, args=args: CanarySet(*args),
+              ValueError, message) for what, args, message in (
+        ("repeats 0", (["x"], [[1]], 16, 0), "CanarySet: repeats must be >= 1, got 0"),
+        ("texts and ids of different lengths", (["x", "y"], [[1]], 16), "CanarySet: needs one text per document"),
+        ("seq_len 0", (["x"], [[1]], 0), "CanarySet: seq_len must be >= 1, got 0"),
+    )],
+    Refusal("canary id outside the vocabulary", lambda t, d: write_packed_shards(
+        [], str(t), 10, canary=CanarySet(["x"], [[1, 10]], 4)), ValueError,
+        r"token ids must be in \[0, 10\)"),
+    *[Refusal(f"ShardedSampler {what}", lambda t, d, kwargs=kwargs: ShardedSampler(
+        **kwargs), ValueError, message) for what, kwargs, message in (
+        ("dp_rank past dp_size", dict(num_rows=10, dp_rank=4, dp_size=4), r"dp_rank must be in \[0, 4\), got 4"),
+        ("micro-batch 0", dict(num_rows=10, micro_batch_size=0), "micro_batch_size and accumulation_steps must be >= 1"),
+        ("fewer rows than one global batch", dict(num_rows=10, dp_size=2, micro_batch_size=3, accumulation_steps=2),
+         "10 rows cannot fill one global batch of 12"),
+    )],
+    Refusal("ShardedSampler resumed with another data seed", lambda t, d: ShardedSampler(103, 1, 4, seed=5).load_state_dict({"epoch": 0, "position": 0, "seed": 6}), ValueError,
+            "the checkpoint's data seed 6 differs from 5"),
+    Refusal("tokenizer path without a tokenizer", lambda t, d: load_tokenizer(
+        str(t)), FileNotFoundError, "expected a sentencepiece .model file or a directory with tokenizer.json"),
+    *[Refusal(f"document source {what}", lambda t, d, name=name, field=field: documents_of(t, name, field),
+              error, message) for what, name, field, error, message in (
+        ("DatasetDict without a split", "dd", "text", ValueError,
+         r"is a DatasetDict: name one split as .*:SPLIT, SPLIT one of \['test', 'train'\]"),
+        ("Dataset with a split", "ds:train", "text", ValueError, "holds a single Dataset, it has no split 'train'"),
+        ("parquet without the text column", "a.parquet", "text", ValueError,
+         r"no 'text' column \(columns: \['id', 'body'\]\)"),
+        ("Dataset without the --text_field column", "ds", "body", ValueError, "no 'body' column"),
+        ("jsonl line without the field", "a.jsonl", "text", ValueError, r"a.jsonl:2: no 'text' field"),
+        ("directory not written by save_to_disk", "", "text", ValueError,
+         "is a directory but not one written by datasets' save_to_disk"),
+        ("missing", "none:train", "text", FileNotFoundError, "does not exist"),
+        ("of an unknown format", "a.csv", "text", ValueError, "supported inputs are"),
+    )],
     # the machine: a CPU without the SIMD level the extension was built for (recorded /proc/cpuinfo flags)
     *[Refusal(f"extension built for {level} on the {cpu}", lambda t, d, level=level, cpu=cpu: check_cpu_supports(
         level, frozenset(RECORDED_CPUS[cpu][0].split())), ImportError,
@@ -332,6 +498,12 @@ API_REFUSALS = [
         rf"{RECORDED_CPUS[cpu][1]} pip install --no-build-isolation -e \.`")
       for level, cpu in (("AVX512_BF16", "Core i7-4510U"), ("AVX512", "Core i7-4510U"),
                          ("AVX2", "Core i5-6267U under VirtualBox"), ("AVX512", "Core i5-6267U under VirtualBox"))],
+    Refusal("HF checkpoint index whose weight_map is a list", lambda t, d: HFCheckpoint(str(write_json(
+        t / "model.safetensors.index.json", {"weight_map": ["a"]}) and t)), ValueError,
+        '"weight_map" must map tensor names to files, got list'),
+    Refusal("DeepSpeed config that is not JSON", lambda t, d: load_deepspeed_config(
+        str((t / "ds.json").write_text("{") and t / "ds.json"), 1, TINY), ValueError,
+        r"--deepspeed_config .*ds\.json: not valid JSON"),
     Refusal("HF export max_shard_size", lambda t, d: parse_size("5XB"), ValueError,
             "max_shard_size must be a positive number of bytes"),
     # DeepSpeed configs
@@ -339,6 +511,7 @@ API_REFUSALS = [
         ds_config(t, **changes), dp, TINY), ValueError, message) for what, changes, dp, message in (
         ("train_batch_size", {"train_batch_size": 16}, 3, "train_batch_size 16 != .* data-parallel size 3"),
         ("optimizer section", {"optimizer": {"type": "Adam"}}, 1, "remove the 'optimizer' section"),
+        ("scheduler section", {"scheduler": {"type": "WarmupLR"}}, 1, "remove the 'scheduler' section"),
         ("micro-batch 0", {"train_micro_batch_size_per_gpu": 0}, 1,
          "train_micro_batch_size_per_gpu must be a positive integer"),
         *[(f"{key} auto", {key: "auto"}, 1, rf'{key.replace("__", ".")} is "auto"; only these zero_optimization '
@@ -396,6 +569,8 @@ ARGUMENT_REFUSALS = {  # what: (argv, error, message); SystemExit: argparse's ow
     "--tensor_parallel 0": (["--tensor_parallel", "0"], ValueError, "--tensor_parallel must be >= 1, got 0"),
     "--eval_rows 0": (["--eval_rows", "0"], ValueError, "--eval_rows must be >= 1, got 0"),
     "--keep_checkpoints 0": (["--keep_checkpoints", "0"], ValueError, "--keep_checkpoints must be >= 1, got 0"),
+    "--save_interval 0": (["--save_interval", "0"], ValueError, "--save_interval must be >= 1, got 0"),
+    "--log_interval 0": (["--log_interval", "0"], ValueError, "--log_interval must be >= 1, got 0"),
     "--warmup_steps -1": (["--warmup_steps", "-1"], ValueError, "--warmup_steps must be >= 0, got -1"),
     "--eval_interval -1": (["--eval_interval", "-1"], ValueError, "--eval_interval must be >= 0, got -1"),
     "--dist_timeout 0": (["--dist_timeout", "0"], ValueError, "--dist_timeout must be > 0 seconds, got 0.0"),
@@ -516,8 +691,6 @@ JOB_REFUSALS = [
 
 
 def write_shards(directory: Path, docs: list, vocab: int = VOCAB) -> Path:
-    from goldfish_ds.data import write_packed_shards
-
     write_packed_shards(docs, str(directory), vocab)
     return directory
 
@@ -525,8 +698,6 @@ def write_shards(directory: Path, docs: list, vocab: int = VOCAB) -> Path:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """The built-in corpus with a 2k sentencepiece tokenizer: train/, val/, tok.model, model.json (tiny, V=2048)."""
-    from goldfish_ds.data import builtin_documents, load_tokenizer, train_sentencepiece
-
     root = tmp_path_factory.mktemp("corpus")
     docs = builtin_documents()
     tok = load_tokenizer(train_sentencepiece(docs[8:], str(root / "tok"), vocab_size=VOCAB))
