@@ -1,0 +1,32 @@
+"""LoRA fine-tuning (PEFT) with transformers' Trainer and the goldfish loss: only the adapters train.
+
+    python examples/peft_lora.py --max_steps 50                       # tiny random Llama, offline
+    python examples/peft_lora.py --model runs/default/hf --lora_r 16
+"""
+from peft import LoraConfig, get_peft_model
+from transformers import TrainingArguments, default_data_collator
+
+import common
+from goldfish_ds.integrations.transformers import GoldfishTrainer
+
+
+def main() -> None:
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--lora_r", type=int, default=8, help="LoRA rank (alpha = 2 x rank)")
+    args = p.parse_args()
+    training_args = TrainingArguments(**common.trainer_options(args))
+    path = common.model_path(args)
+    tokenizer = common.load_tokenizer(path)
+    lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, task_type="CAUSAL_LM",
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    model = get_peft_model(common.load_model(path), lora)
+    model.print_trainable_parameters()
+    trainer = GoldfishTrainer(model=model, args=training_args, data_collator=default_data_collator,
+                              train_dataset=common.packed_text_rows(tokenizer, args.seq_len),
+                              goldfish=common.goldfish_config(args, tokenizer))
+    trainer.train()
+    common.print_log_history(trainer)
+
+
+if __name__ == "__main__":
+    main()
