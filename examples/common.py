@@ -54,11 +54,13 @@ def write_tiny_model(directory: Path, hidden_size: int, layers: int, seed: int) 
     return directory
 
 
-def model_path(args: argparse.Namespace) -> str:
+def model_path(args: argparse.Namespace, training_args) -> str:
+    """--model, or the tiny model (written by the main process while the other ranks wait)."""
     if args.model is not None:
         return args.model
-    return str(write_tiny_model(Path(args.output_dir) / "tiny_model", args.tiny_hidden_size, args.tiny_layers,
-                                args.seed))
+    with training_args.main_process_first(desc="tiny model"):
+        return str(write_tiny_model(Path(args.output_dir) / "tiny_model", args.tiny_hidden_size, args.tiny_layers,
+                                    args.seed))
 
 
 def load_tokenizer(path: str):

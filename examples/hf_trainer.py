@@ -13,7 +13,7 @@ from goldfish_ds.integrations.transformers import GoldfishDataCollator, Goldfish
 def main() -> None:
     args = common.parser(__doc__.splitlines()[0]).parse_args()
     training_args = TrainingArguments(**common.trainer_options(args))
-    path = common.model_path(args)
+    path = common.model_path(args, training_args)
     tokenizer = common.load_tokenizer(path)
     goldfish = common.goldfish_config(args, tokenizer)
     rows = common.packed_text_rows(tokenizer, args.seq_len)

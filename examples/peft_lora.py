@@ -15,7 +15,7 @@ def main() -> None:
     p.add_argument("--lora_r", type=int, default=8, help="LoRA rank (alpha = 2 x rank)")
     args = p.parse_args()
     training_args = TrainingArguments(**common.trainer_options(args))
-    path = common.model_path(args)
+    path = common.model_path(args, training_args)
     tokenizer = common.load_tokenizer(path)
     lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, task_type="CAUSAL_LM",
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])

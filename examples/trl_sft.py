@@ -28,7 +28,7 @@ def prompt_completion_pairs() -> Dataset:
 def main() -> None:
     args = common.parser(__doc__.splitlines()[0]).parse_args()
     sft_args = SFTConfig(**common.trainer_options(args), max_length=args.seq_len, completion_only_loss=True)
-    path = common.model_path(args)
+    path = common.model_path(args, sft_args)
     tokenizer = common.load_tokenizer(path)
     goldfish = common.goldfish_config(args, tokenizer)
     model = common.load_model(path)
