@@ -97,8 +97,11 @@ def trainer_options(args: argparse.Namespace) -> dict:
                 deepspeed=args.deepspeed, use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
 
 
-def print_log_history(trainer) -> None:
-    """Rank 0 prints the log history and whether ZeRO-3 partitioned the parameters, as one JSON line."""
+def write_report(trainer, output_dir: str) -> None:
+    """Rank 0 writes OUTPUT_DIR/report.json: the log history and whether ZeRO-3 partitioned the parameters."""
     if trainer.is_world_process_zero():
         partitioned = all(hasattr(p, "ds_id") for p in trainer.model.parameters())
-        print(json.dumps({"log_history": trainer.state.log_history, "zero3_partitioned": partitioned}))
+        path = Path(output_dir) / "report.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"log_history": trainer.state.log_history, "zero3_partitioned": partitioned}))
+        print(f"log history: {path}")

@@ -25,7 +25,7 @@ def main() -> None:
         trainer = Trainer(model=model, args=training_args, train_dataset=rows,
                           data_collator=GoldfishDataCollator(default_data_collator, goldfish))
     trainer.train()
-    common.print_log_history(trainer)
+    common.write_report(trainer, args.output_dir)
 
 
 if __name__ == "__main__":

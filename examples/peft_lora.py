@@ -25,7 +25,7 @@ def main() -> None:
                               train_dataset=common.packed_text_rows(tokenizer, args.seq_len),
                               goldfish=common.goldfish_config(args, tokenizer))
     trainer.train()
-    common.print_log_history(trainer)
+    common.write_report(trainer, args.output_dir)
 
 
 if __name__ == "__main__":

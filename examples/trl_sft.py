@@ -41,7 +41,7 @@ def main() -> None:
         trainer = SFTTrainer(model=model, args=sft_args, train_dataset=prompt_completion_pairs(),
                              processing_class=tokenizer, data_collator=collator)
     trainer.train()
-    common.print_log_history(trainer)
+    common.write_report(trainer, args.output_dir)
 
 
 if __name__ == "__main__":

@@ -284,27 +284,32 @@ def test_bad_settings_are_clear_errors(tiny_dir, rows, tmp_path):
 EXAMPLE_FLAGS = ["--max_steps", "3", "--seq_len", "32", "--grad_accum", "2", "--tiny_hidden_size", "32"]
 
 
-def run_example(command: list, output_dir: Path) -> dict:
-    """Run an example (a command line ending in its options) and return the JSON line rank 0 printed last."""
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([*command, *EXAMPLE_FLAGS, "--output_dir", str(output_dir)], env=env, cwd=REPO,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    lines = [line for line in result.stdout.splitlines() if line.startswith('{"log_history"')]
-    assert len(lines) == 1, result.stdout[-3000:]
-    report = json.loads(lines[0])
+def example_report(output_dir: Path) -> dict:
+    """The report.json an example wrote, with the logged losses."""
+    report = json.loads((output_dir / "report.json").read_text())
     report["losses"] = [e["loss"] for e in report["log_history"] if "loss" in e]
     return report
 
 
-def test_hf_trainer_example_under_zero3_on_two_ranks_trains_like_one_process(tiny_dir, tmp_path):
-    script = str(EXAMPLES / "hf_trainer.py")
-    one = run_example([sys.executable, script, "--model", str(tiny_dir), "--batch_size", "2"], tmp_path / "one")
+def run_example(command: list, output_dir: Path, **env_vars: str) -> dict:
+    """Run an example in a subprocess (a command line ending in its options) and return its report."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", **env_vars,
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([*command, *EXAMPLE_FLAGS, "--output_dir", str(output_dir)], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return example_report(output_dir)
+
+
+def test_hf_trainer_example_under_zero3_on_two_ranks_trains_like_one_process(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["hf_trainer.py", "--model", str(tiny_dir), "--batch_size", "2", *EXAMPLE_FLAGS,
+                                      "--output_dir", str(tmp_path / "one")])
+    load_example("hf_trainer").main()  # in this process, without DeepSpeed
+    one = example_report(tmp_path / "one")
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    zero3 = run_example([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), script,
-                         "--model", str(tiny_dir), "--batch_size", "1",
-                         "--deepspeed", str(EXAMPLES / "ds_zero3.json")], tmp_path / "zero3")
+    zero3 = run_example([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()),
+                         str(EXAMPLES / "hf_trainer.py"), "--model", str(tiny_dir), "--batch_size", "1",
+                         "--deepspeed", str(EXAMPLES / "ds_zero3.json")], tmp_path / "zero3", OMP_NUM_THREADS="1")
     assert zero3["zero3_partitioned"] and not one["zero3_partitioned"]
     # 2 ranks x 1 row x 2 micro-batches: the same 4 rows a step as 1 x 2 x 2, the loss over all their kept targets.
     assert len(one["losses"]) == 3 and zero3["losses"] == pytest.approx(one["losses"], rel=1e-6)

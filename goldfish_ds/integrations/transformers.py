@@ -157,6 +157,10 @@ class GoldfishTrainerMixin:
         counts = torch.zeros(2, dtype=torch.int64)  # supervised and dropped targets
         for batch in batch_samples:
             _check_no_shift_labels(batch, type(self).__name__)
+            if "labels" not in batch:
+                raise ValueError(f"{type(self).__name__}: training batches need causal-LM 'labels' (keys: "
+                                 f"{sorted(batch)}); give the data collator labels, e.g. "
+                                 "DataCollatorForLanguageModeling(tokenizer, mlm=False)")
             targets = causal_lm_targets(batch["labels"])
             dropped = goldfish_mask(targets, self.goldfish, self.state.global_step)
             counts += torch.stack([targets.ne(IGNORE_INDEX).sum(), dropped.sum()]).cpu()
@@ -209,9 +213,8 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = [
+__all__ = [  # and GoldfishSFTTrainer, which needs TRL
     "GoldfishDataCollator",
-    "GoldfishSFTTrainer",
     "GoldfishTrainer",
     "GoldfishTrainerMixin",
     "causal_lm_targets",
