@@ -268,11 +268,14 @@ def test_bad_settings_are_clear_errors(tiny_dir, rows, tmp_path):
         GoldfishTrainer(model=model, args=training_args(tmp_path), goldfish=CFG, compute_loss_func=lambda *a, **k: 0)
     with pytest.raises(TypeError, match="goldfish must be a goldfish_ds.GoldfishConfig"):
         GoldfishTrainer(model=model, args=training_args(tmp_path), goldfish={"k": 4})
+    unlabelled = [{"input_ids": r["input_ids"]} for r in rows[:4]]
+    with pytest.raises(ValueError, match="training batches need causal-LM 'labels'"):
+        GoldfishTrainer(model=model, args=training_args(tmp_path), train_dataset=unlabelled, goldfish=CFG).train()
     with pytest.raises(ValueError, match="strategy 'random'"):
         GoldfishDataCollator(default_data_collator, GoldfishConfig(k=4, h=1, strategy="random"))
     no_labels = GoldfishDataCollator(default_data_collator, CFG)
     with pytest.raises(ValueError, match="has no 'labels'"):
-        no_labels([{"input_ids": r["input_ids"]} for r in rows[:2]])
+        no_labels(unlabelled)
     with pytest.raises(ValueError, match="shift_labels"):
         no_labels([{**r, "shift_labels": r["labels"]} for r in rows[:2]])
     with pytest.raises(ValueError, match="labels must be an int64 \\[batch, seq\\] tensor"):

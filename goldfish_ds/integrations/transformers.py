@@ -148,7 +148,7 @@ class GoldfishTrainerMixin:
         parallelism = getattr(self.accelerator, "parallelism_config", None)
         if parallelism is not None and (parallelism.tp_enabled or parallelism.cp_enabled or parallelism.sp_enabled):
             raise ValueError(f"{name}: tensor, context and sequence parallelism (parallelism_config) are not "
-                             "supported; use data parallelism, DeepSpeed ZeRO or FSDP")
+                             "supported; use data parallelism or DeepSpeed ZeRO")
         self._goldfish_counts = torch.zeros(2, dtype=torch.int64)  # supervised and dropped targets since the last log
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device) -> tuple[list, Any]:
