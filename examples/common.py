@@ -11,10 +11,12 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, Trainer,
+                          default_data_collator)
 
 from goldfish_ds import GoldfishConfig
 from goldfish_ds.data import builtin_documents, train_sentencepiece
+from goldfish_ds.integrations.transformers import GoldfishDataCollator, GoldfishTrainer
 from goldfish_ds.training.export import copy_tokenizer
 
 
@@ -95,6 +97,17 @@ def trainer_options(args: argparse.Namespace) -> dict:
                 gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, lr_scheduler_type="linear",
                 logging_steps=1, save_strategy="no", report_to="none", seed=args.seed, data_seed=args.seed,
                 deepspeed=args.deepspeed, use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
+
+
+def causal_lm_trainer(args: argparse.Namespace, training_args, model, tokenizer):
+    """--labels fused: GoldfishTrainer; collator: the stock Trainer on GoldfishDataCollator labels."""
+    rows = packed_text_rows(tokenizer, args.seq_len)
+    goldfish = goldfish_config(args, tokenizer)
+    if args.labels == "fused":
+        return GoldfishTrainer(model=model, args=training_args, train_dataset=rows,
+                               data_collator=default_data_collator, goldfish=goldfish)
+    return Trainer(model=model, args=training_args, train_dataset=rows,
+                   data_collator=GoldfishDataCollator(default_data_collator, goldfish))
 
 
 def write_report(trainer, output_dir: str) -> None:

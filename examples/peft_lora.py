@@ -4,10 +4,9 @@
     python examples/peft_lora.py --model runs/default/hf --lora_r 16
 """
 from peft import LoraConfig, get_peft_model
-from transformers import TrainingArguments, default_data_collator
+from transformers import TrainingArguments
 
 import common
-from goldfish_ds.integrations.transformers import GoldfishTrainer
 
 
 def main() -> None:
@@ -21,9 +20,7 @@ def main() -> None:
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     model = get_peft_model(common.load_model(path), lora)
     model.print_trainable_parameters()
-    trainer = GoldfishTrainer(model=model, args=training_args, data_collator=default_data_collator,
-                              train_dataset=common.packed_text_rows(tokenizer, args.seq_len),
-                              goldfish=common.goldfish_config(args, tokenizer))
+    trainer = common.causal_lm_trainer(args, training_args, model, tokenizer)
     trainer.train()
     common.write_report(trainer, args.output_dir)
 

@@ -111,13 +111,14 @@ def trainer_runs(tiny_dir, rows, tmp_path_factory):
     rounding noise of near-zero gradient entries into differences of the learning rate's size).
     """
     out = tmp_path_factory.mktemp("trainer")
+    sgd = dict(optim="sgd", learning_rate=0.5)
     fused_batches = RecordingCollator(default_data_collator)
-    fused = GoldfishTrainer(model=fresh_model(tiny_dir), args=training_args(out / "fused", optim="sgd", learning_rate=0.5),
-                            train_dataset=rows, eval_dataset=rows[:8], data_collator=fused_batches, goldfish=CFG)
+    fused = GoldfishTrainer(model=fresh_model(tiny_dir), args=training_args(out / "fused", **sgd), train_dataset=rows,
+                            eval_dataset=rows[:8], data_collator=fused_batches, goldfish=CFG)
     fused.train()
     stock_batches = RecordingCollator(default_data_collator)
-    stock = Trainer(model=fresh_model(tiny_dir), args=training_args(out / "stock", optim="sgd", learning_rate=0.5),
-                    train_dataset=rows, data_collator=GoldfishDataCollator(stock_batches, CFG))
+    stock = Trainer(model=fresh_model(tiny_dir), args=training_args(out / "stock", **sgd), train_dataset=rows,
+                    data_collator=GoldfishDataCollator(stock_batches, CFG))
     stock.train()
     return fused, fused_batches.batches, stock, stock_batches.batches
 
