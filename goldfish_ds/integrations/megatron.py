@@ -83,12 +83,10 @@ def goldfish_loss_func(cfg: GoldfishConfig, labels: torch.Tensor, loss_mask: tor
     counted = loss_mask.float()
     kept = kept_mask.float()
     loss = torch.sum(losses * kept)
-    num_tokens = kept.sum().to(torch.int)
-    all_loss = torch.sum(losses.detach() * counted)
-    num_counted = counted.sum()
+    num_kept, num_counted = kept.sum(), counted.sum()
     report = {
-        "lm loss": torch.stack([loss.detach(), kept.sum()]),
-        "lm loss all tokens": torch.stack([all_loss, num_counted]),
-        "goldfish drop rate": torch.stack([num_counted - kept.sum(), num_counted]),
+        "lm loss": torch.stack([loss.detach(), num_kept]),
+        "lm loss all tokens": torch.stack([torch.sum(losses.detach() * counted), num_counted]),
+        "goldfish drop rate": torch.stack([num_counted - num_kept, num_counted]),
     }
-    return loss, num_tokens, report
+    return loss, num_kept.to(torch.int), report
