@@ -1,1 +1,1 @@
-"""Adapters for training stacks outside goldfish_ds; each submodule imports its own library when it is imported."""
+"""Adapters for the training frameworks people already use; each submodule imports its framework only when used."""
