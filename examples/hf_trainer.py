@@ -6,17 +6,17 @@
 """
 from transformers import TrainingArguments
 
-import common
+import hf_common
 
 
 def main() -> None:
-    args = common.parser(__doc__.splitlines()[0]).parse_args()
-    training_args = TrainingArguments(**common.trainer_options(args))
-    path = common.model_path(args, training_args)
-    tokenizer = common.load_tokenizer(path)
-    trainer = common.causal_lm_trainer(args, training_args, common.load_model(path), tokenizer)
+    args = hf_common.parser(__doc__.splitlines()[0]).parse_args()
+    training_args = TrainingArguments(**hf_common.trainer_options(args))
+    path = hf_common.model_path(args, training_args)
+    tokenizer = hf_common.load_tokenizer(path)
+    trainer = hf_common.causal_lm_trainer(args, training_args, hf_common.load_model(path), tokenizer)
     trainer.train()
-    common.write_report(trainer, args.output_dir)
+    hf_common.write_report(trainer, args.output_dir)
 
 
 if __name__ == "__main__":

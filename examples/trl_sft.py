@@ -11,7 +11,7 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-import common
+import hf_common
 from goldfish_ds.data import builtin_documents
 from goldfish_ds.integrations.transformers import GoldfishDataCollator, GoldfishSFTTrainer
 
@@ -26,12 +26,12 @@ def prompt_completion_pairs() -> Dataset:
 
 
 def main() -> None:
-    args = common.parser(__doc__.splitlines()[0]).parse_args()
-    sft_args = SFTConfig(**common.trainer_options(args), max_length=args.seq_len, completion_only_loss=True)
-    path = common.model_path(args, sft_args)
-    tokenizer = common.load_tokenizer(path)
-    goldfish = common.goldfish_config(args, tokenizer)
-    model = common.load_model(path)
+    args = hf_common.parser(__doc__.splitlines()[0]).parse_args()
+    sft_args = SFTConfig(**hf_common.trainer_options(args), max_length=args.seq_len, completion_only_loss=True)
+    path = hf_common.model_path(args, sft_args)
+    tokenizer = hf_common.load_tokenizer(path)
+    goldfish = hf_common.goldfish_config(args, tokenizer)
+    model = hf_common.load_model(path)
     if args.labels == "fused":
         trainer = GoldfishSFTTrainer(model=model, args=sft_args, train_dataset=prompt_completion_pairs(),
                                      processing_class=tokenizer, goldfish=goldfish)
@@ -41,7 +41,7 @@ def main() -> None:
         trainer = SFTTrainer(model=model, args=sft_args, train_dataset=prompt_completion_pairs(),
                              processing_class=tokenizer, data_collator=collator)
     trainer.train()
-    common.write_report(trainer, args.output_dir)
+    hf_common.write_report(trainer, args.output_dir)
 
 
 if __name__ == "__main__":

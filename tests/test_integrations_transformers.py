@@ -37,7 +37,7 @@ SEQ = 24
 def load_example(name: str):
     spec = importlib.util.spec_from_file_location(f"examples_{name}", EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(EXAMPLES))  # the examples import their shared `common`
+    sys.path.insert(0, str(EXAMPLES))  # the HF examples import their shared `hf_common`
     try:
         spec.loader.exec_module(module)
     finally:
@@ -45,7 +45,7 @@ def load_example(name: str):
     return module
 
 
-examples = load_example("common")
+examples = load_example("hf_common")
 
 
 class RecordingCollator:

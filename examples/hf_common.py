@@ -1,4 +1,4 @@
-"""What the integration examples share: options, the model and tokenizer, the data, the goldfish settings.
+"""What the transformers, TRL and PEFT examples share: options, model and tokenizer, data, goldfish settings.
 
 Without --model the examples write a tiny random HF Llama and a sentencepiece tokenizer trained on Python's
 bundled documentation to OUTPUT_DIR/tiny_model once, so they run offline; --model takes any HF causal LM
