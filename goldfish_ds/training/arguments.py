@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+from importlib.util import find_spec
 from pathlib import Path
 
 from goldfish_ds.config import STRATEGIES, WINDOWS, GoldfishConfig
 from goldfish_ds.models.hf import DEFAULT_MAX_SHARD_SIZE, parse_size
 from goldfish_ds.table import load_table
+from goldfish_ds.training.flops import FORMULA, PEAK_TFLOPS
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_MODEL_CONFIG = str(REPO_CONFIGS / "models" / "tiny.json")
 DEFAULT_CPU_DEEPSPEED_CONFIG = str(REPO_CONFIGS / "deepspeed" / "zero3_cpu.json")
 DEFAULT_GPU_DEEPSPEED_CONFIG = str(REPO_CONFIGS / "deepspeed" / "zero3_gpu_bf16.json")
+WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")  # wandb's own values of WANDB_MODE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,6 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
                           "in one is written as model.safetensors, a larger one as shards with an index")
     log.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                      help="progress bar on rank 0")
+    log.add_argument("--wandb_project", default=None,
+                     help="also log to Weights & Biases, in this project (rank 0; the run's files under "
+                          "out_dir/wandb). WANDB_MODE=offline logs without a network (`wandb sync` uploads later); "
+                          "needs the wandb package")
+    log.add_argument("--wandb_run_name", default=None, help="W&B run name (default: the name of --out_dir)")
+    log.add_argument("--peak_tflops", type=float, default=None,
+                     help="peak TFLOP/s of one device, for the model FLOPs utilisation (mfu) logged per step beside "
+                          f"model_flops and tflops_per_s; {FORMULA}. Default: the bf16/fp16 dense peak of a listed "
+                          f"GPU ({', '.join(f'{k} {v:g}' for k, v in PEAK_TFLOPS.items())}) when training in "
+                          "bf16/fp16, else none and mfu is not logged (CPUs, fp32)")
     return p
 
 
@@ -145,6 +159,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0 <= args.min_lr <= args.lr:
         raise ValueError(f"--min_lr must be in [0, --lr={args.lr}], got {args.min_lr}")
     parse_size(args.hf_max_shard_size, "--hf_max_shard_size")
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        raise ValueError(f"--peak_tflops must be > 0 (TFLOP/s of one device), got {args.peak_tflops}")
+    if args.wandb_project is not None:
+        if find_spec("wandb") is None:
+            raise ValueError("--wandb_project needs the wandb package: pip install wandb")
+        mode = os.environ.get("WANDB_MODE")
+        if mode is not None and mode not in WANDB_MODES:
+            raise ValueError(f"--wandb_project: WANDB_MODE must be one of {list(WANDB_MODES)}, got {mode!r}")
+    elif args.wandb_run_name is not None:
+        raise ValueError("--wandb_run_name names a W&B run: give --wandb_project too")
     if args.goldfish:
         goldfish_config(args, special_ids=())  # k, h, window... checked before anything starts
         if args.goldfish_table_path:

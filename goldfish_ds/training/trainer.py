@@ -51,6 +51,7 @@ from goldfish_ds.training.checkpoint import CheckpointManager, check_shared_dire
 from goldfish_ds.training.deepspeed_config import load_deepspeed_config
 from goldfish_ds.training.export import export_hf
 from goldfish_ds.training.faults import maybe_crash
+from goldfish_ds.training.flops import device_peak_tflops, step_throughput, training_flops_per_token
 from goldfish_ds.training.metrics import HostMemoryPhases, MetricsLogger
 from goldfish_ds.training.optim import adamw, lr_scheduler
 from goldfish_ds.training.partitions import load_hf_into_partitions
@@ -130,6 +131,8 @@ class Job:
         self.sampler = ShardedSampler(len(self.train_set), self.dp_rank, self.dp_size, seed=args.data_seed,
                                       micro_batch_size=self.micro_batch, accumulation_steps=self.accumulation)
         self.memory = HostMemoryPhases(str(self.out_dir))
+        self.flops_per_token = training_flops_per_token(self.model_cfg, args.seq_len)
+        self.peak_tflops = device_peak_tflops(args.peak_tflops, self.device, self.dtype)
         self.engine = self._build_engine(deepspeed)
         self.checkpoints = CheckpointManager(str(self.out_dir / "checkpoints"), keep=args.keep_checkpoints)
         self.step = 0
@@ -285,7 +288,9 @@ class Job:
         if args.resume:
             self.resume()
         logger = MetricsLogger(str(self.out_dir), enabled=self.rank == 0, start_step=self.step,
-                               max_steps=args.max_steps, progress=args.progress)
+                               max_steps=args.max_steps, progress=args.progress, wandb_project=args.wandb_project,
+                               wandb_run_name=args.wandb_run_name,
+                               wandb_config={**vars(args), "model_flops_per_token": self.flops_per_token})
         rows = iter(self.sampler)
         with self.memory.measure("train"):  # checkpoints are phases of their own
             self._train_loop(rows, logger)
@@ -299,12 +304,17 @@ class Job:
                    "last_val": logger.last_record("val")}
         if logger.tensorboard_dir:
             summary["tensorboard"] = logger.tensorboard_dir
+        if logger.wandb_dir:
+            summary["wandb"] = logger.wandb_dir
         logger.close()
         return summary
 
     def _train_loop(self, rows: Iterator[int], logger: MetricsLogger) -> None:
         args = self.args
+        on_gpu = self.device.type == "cuda"
         while self.step < args.max_steps:
+            if on_gpu:
+                torch.cuda.reset_peak_memory_stats(self.device)
             start = time.perf_counter()
             record = self.train_step(rows)
             elapsed = time.perf_counter() - start
@@ -312,8 +322,11 @@ class Job:
             logger.advance()
             if self.step % args.log_interval == 0 or self.step == args.max_steps:
                 tokens = record.pop("step_input_tokens")
+                if on_gpu:  # this rank's device
+                    record["peak_device_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                 logger.log({"kind": "train", "step": self.step, **record, "tokens_per_s": tokens / elapsed,
-                            "step_time_s": elapsed})
+                            "step_time_s": elapsed, **step_throughput(tokens, elapsed, self.flops_per_token,
+                                                                      dist.get_world_size(), self.peak_tflops)})
             if self.val_set is not None and args.eval_interval and (self.step % args.eval_interval == 0
                                                                     or self.step == args.max_steps):
                 logger.log({"kind": "val", "step": self.step, "val_loss": self.validation_loss()})
