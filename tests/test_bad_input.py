@@ -223,7 +223,8 @@ def label_at(value: int):
 
 
 SMALL = dict(vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2)
-LAUNCH_ENV_SEVERAL = "looks like one rank of several .*but no launcher's variables are complete.*RANK, WORLD_SIZE, LOCAL_RANK"
+LAUNCH_ENV_SEVERAL = ("looks like one rank of several .*but no launcher's variables are complete"
+                      ".*RANK, WORLD_SIZE, LOCAL_RANK")
 
 API_REFUSALS = [
     # goldfish config
@@ -387,7 +388,8 @@ API_REFUSALS = [
         ("hidden_act", "gelu"), ("attention_bias", True), ("mlp_bias", True), ("model_type", "gpt2"))],
     *[Refusal(f"LlamaConfig {what}", lambda t, d, changes=changes: LlamaConfig.from_dict({**SMALL, **changes}),
               ValueError, message) for what, changes, message in (
-        ("rope type yarn", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}},
+        ("rope type yarn", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                             "original_max_position_embeddings": 8}},
          r"rope_scaling .*rope_type 'yarn' is not supported \(allowed: default, linear, llama3\)"),
         ("llama3 rope without its factors", {"rope_parameters": {"rope_type": "llama3", "factor": 8.0}},
          "rope_type 'llama3' needs low_freq_factor"),
@@ -443,7 +445,8 @@ API_REFUSALS = [
             "has no manifest.json: not a packed data directory"),
     Refusal("data read with seq_len 0", lambda t, d: opened(packed(t), seq_len=0), ValueError,
             "PackedTokenDataset: seq_len must be >= 1, got 0"),
-    Refusal("token id outside the vocabulary written", lambda t, d: write_packed_shards([[1, 2, 10]], str(t), 10), ValueError, r"token ids must be in \[0, 10\), got \[1, 10\]"),
+    Refusal("token id outside the vocabulary written", lambda t, d: write_packed_shards([[1, 2, 10]], str(t), 10),
+            ValueError, r"token ids must be in \[0, 10\), got \[1, 10\]"),
     Refusal("canary rows of another seq_len", lambda t, d: opened(with_canaries(t), seq_len=32), ValueError,
             "holds canary rows of seq_len 16, not the requested seq_len 32"),
     Refusal("canary rows truncated", lambda t, d: opened(with_canaries(t), 16, lambda p: truncated(
@@ -452,8 +455,8 @@ API_REFUSALS = [
         p / "canary_rows.bin")), ValueError, "canary_rows.bin is corrupt: its sha256 differs"),
     Refusal("canary rows missing", lambda t, d: opened(with_canaries(t), 16, lambda p: (
         p / "canary_rows.bin").unlink()), FileNotFoundError, "canary_rows.bin listed in the manifest is missing"),
-    Refusal("canary texts changed", lambda t, d: opened(with_canaries(t), 16, lambda p: (p / "canary.jsonl").write_bytes(
-        (p / "canary.jsonl").read_bytes().replace(b'"x"', b'"z"'))), ValueError,
+    Refusal("canary texts changed", lambda t, d: opened(with_canaries(t), 16, lambda p: (
+        p / "canary.jsonl").write_bytes((p / "canary.jsonl").read_bytes().replace(b'"x"', b'"z"'))), ValueError,
         "canary.jsonl is corrupt: its sha256 differs"),
     Refusal("canary texts missing", lambda t, d: opened(with_canaries(t), 16, lambda p: (p / "canary.jsonl").unlink()),
             FileNotFoundError, "canary.jsonl listed in the manifest is missing"),
@@ -469,11 +472,13 @@ API_REFUSALS = [
     *[Refusal(f"ShardedSampler {what}", lambda t, d, kwargs=kwargs: ShardedSampler(
         **kwargs), ValueError, message) for what, kwargs, message in (
         ("dp_rank past dp_size", dict(num_rows=10, dp_rank=4, dp_size=4), r"dp_rank must be in \[0, 4\), got 4"),
-        ("micro-batch 0", dict(num_rows=10, micro_batch_size=0), "micro_batch_size and accumulation_steps must be >= 1"),
+        ("micro-batch 0", dict(num_rows=10, micro_batch_size=0),
+         "micro_batch_size and accumulation_steps must be >= 1"),
         ("fewer rows than one global batch", dict(num_rows=10, dp_size=2, micro_batch_size=3, accumulation_steps=2),
          "10 rows cannot fill one global batch of 12"),
     )],
-    Refusal("ShardedSampler resumed with another data seed", lambda t, d: ShardedSampler(103, 1, 4, seed=5).load_state_dict({"epoch": 0, "position": 0, "seed": 6}), ValueError,
+    Refusal("ShardedSampler resumed with another data seed", lambda t, d: ShardedSampler(103, 1, 4, seed=5)
+            .load_state_dict({"epoch": 0, "position": 0, "seed": 6}), ValueError,
             "the checkpoint's data seed 6 differs from 5"),
     Refusal("tokenizer path without a tokenizer", lambda t, d: load_tokenizer(
         str(t)), FileNotFoundError, "expected a sentencepiece .model file or a directory with tokenizer.json"),
