@@ -14,6 +14,7 @@ from pathlib import Path
 
 from goldfish_ds.config import STRATEGIES, WINDOWS, GoldfishConfig
 from goldfish_ds.models.hf import DEFAULT_MAX_SHARD_SIZE, parse_size
+from goldfish_ds.table import load_table
 from goldfish_ds.training.flops import FORMULA, PEAK_TFLOPS
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -170,6 +171,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError("--wandb_run_name names a W&B run: give --wandb_project too")
     if args.goldfish:
         goldfish_config(args, special_ids=())  # k, h, window... checked before anything starts
+        if args.goldfish_table_path:
+            load_table(args.goldfish_table_path)  # read at the first step otherwise, after the model is built
     return args
 
 

@@ -232,7 +232,8 @@ class Job:
             inputs, labels = self._batch([self.train_set[next(rows)] for _ in range(self.micro_batch)])
             local_logits = self.engine(inputs)
             loss, stats = vocab_parallel_goldfish_cross_entropy(local_logits, labels, self.goldfish,
-                                                                step=self.step, return_stats=True)
+                                                                step=self.step, return_stats=True,
+                                                                vocab_size=self.model_cfg.vocab_size)
             self.engine.backward(loss)
             self.engine.step()
             sums += torch.stack([stats.kept_tokens.double(), stats.dropped_tokens.double(),
@@ -270,7 +271,7 @@ class Job:
             rows = [self.val_set[row] for row in mine[first:first + self.micro_batch]]
             inputs, labels = self._batch(rows + [padding] * (self.micro_batch - len(rows)))
             loss = vocab_parallel_goldfish_cross_entropy(self.engine(inputs), labels, None, reduction="sum",
-                                                         in_place=False)
+                                                         in_place=False, vocab_size=self.model_cfg.vocab_size)
             sums += torch.stack([loss.double(), labels.ne(self.ignore_index).sum().double()])
         dist.all_reduce(sums, group=data_parallel_group())
         self.engine.train()
