@@ -93,6 +93,17 @@ def _zero3_files(directory: Path, tp_rank: int) -> list[Path]:
     return [found[r] for r in range(len(found))]
 
 
+def _load_deepspeed_file(path: Path) -> dict:
+    """A DeepSpeed checkpoint file, memory-mapped (only the slices read are paged in) and unpickled with
+    weights_only=True: tensors, containers and the DeepSpeed classes its optimizer state holds (the ZeRO stage and
+    the loss scaler)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+
+
 def load_resharded(engine, directory: Path, layout: dict) -> dict:
     """Load ZeRO-3 checkpoint `directory` (written at any data-parallel size, the same tensor-parallel size)
     into `engine`, this job's DeepSpeed engine with layout `layout` (Job.layout()); every rank calls it.
@@ -102,15 +113,14 @@ def load_resharded(engine, directory: Path, layout: dict) -> dict:
     if not model_states.is_file():
         raise ValueError(f"--reshard: {directory} has no {model_states.name}: not a ZeRO-3 checkpoint of "
                          f"tensor-parallel rank {tp_rank} (--reshard needs zero_optimization.stage 3)")
-    states = torch.load(model_states, map_location="cpu", weights_only=False)
+    states = _load_deepspeed_file(model_states)
     check_reshard_layout(states["layout"], layout)
     files = _zero3_files(directory, tp_rank)
     old_dp = len(files)
     if old_dp != states["dp_world_size"]:
         raise ValueError(f"--reshard: {directory} holds {old_dp} optimizer-state files for tensor-parallel rank "
                          f"{tp_rank}, its model states say {states['dp_world_size']} data-parallel ranks")
-    # Memory-mapped: only the slices read below are paged in.
-    zero = [torch.load(f, map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"] for f in files]
+    zero = [_load_deepspeed_file(f)["optimizer_state_dict"] for f in files]
 
     index = {}  # name -> (sub-group, offset of the parameter's piece in each old flat partition, numel)
     for group, shapes in enumerate(states["param_shapes"]):
