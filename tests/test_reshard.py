@@ -1,6 +1,6 @@
-"""`--resume --reshard`: a ZeRO-3 checkpoint written at data-parallel size 2 continues at DP=1 and DP=4 (real
-DeepSpeed ranks on CPU, gloo) with the weights and Adam state it had, and the loss curve of the uninterrupted run;
-layouts it cannot continue in are refused by name."""
+"""`--resume --reshard`: a ZeRO-3 checkpoint written at data-parallel size 2 continues at DP=1 and DP=4, and one of
+TP=2 x DP=1 at TP=2 x DP=2 (real DeepSpeed ranks on CPU, gloo), with the weights and Adam state it had and the loss
+curve of the uninterrupted run; layouts it cannot continue in are refused by name."""
 from __future__ import annotations
 
 import itertools
@@ -48,9 +48,9 @@ def dp2_run(corpus, tmp_path_factory):  # noqa: F811
     return out
 
 
-def resume_from_step_5(dp2_run: Path, out: Path) -> None:
-    """A copy of the DP=2 run whose latest checkpoint is step 5."""
-    shutil.copytree(dp2_run, out, ignore=shutil.ignore_patterns("universal"))
+def resume_from_step_5(run: Path, out: Path) -> None:
+    """A copy of `run` whose latest checkpoint is step 5."""
+    shutil.copytree(run, out, ignore=shutil.ignore_patterns("universal"))
     shutil.rmtree(out / "checkpoints" / f"step_{STEPS:08d}")
     (out / "checkpoints" / "latest").write_text(f"step_{SAVED:08d}")
 

@@ -34,13 +34,6 @@ import torch
 from goldfish_ds.parallel import tensor_parallel_rank
 from goldfish_ds.training.partitions import partition_range
 
-# What DeepSpeed itself keeps in a model-states file; the rest is our client state.
-DEEPSPEED_KEYS = ("module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
-                  "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "skipped_steps",
-                  "global_steps", "global_samples", "dp_world_size", "mp_world_size",
-                  "checkpoint_parallel_dimensions", "ds_config", "ds_version")
-
-
 def data_parallel_size(layout: dict) -> int:
     return layout["world_size"] // layout["tensor_parallel"]
 
@@ -107,7 +100,8 @@ def _load_deepspeed_file(path: Path) -> dict:
 def load_resharded(engine, directory: Path, layout: dict) -> dict:
     """Load ZeRO-3 checkpoint `directory` (written at any data-parallel size, the same tensor-parallel size)
     into `engine`, this job's DeepSpeed engine with layout `layout` (Job.layout()); every rank calls it.
-    Returns our client state, its sampler position converted to this layout."""
+    Returns the checkpoint's model-states dict (our client state among DeepSpeed's entries, as
+    engine.load_checkpoint returns it), its sampler position converted to this layout."""
     tp_rank = tensor_parallel_rank()
     model_states = directory / f"zero_pp_rank_0_mp_rank_{tp_rank:02d}_model_states.pt"
     if not model_states.is_file():
@@ -191,6 +185,4 @@ def load_resharded(engine, directory: Path, layout: dict) -> dict:
     engine.lr_scheduler.load_state_dict(states["lr_scheduler"])
     engine.global_steps, engine.global_samples, engine.skipped_steps = (
         states["global_steps"], states["global_samples"], states["skipped_steps"])
-    client = {k: v for k, v in states.items() if k not in DEEPSPEED_KEYS}
-    client["sampler"] = resharded_sampler_state(client["sampler"], states["layout"], layout)
-    return client
+    return {**states, "sampler": resharded_sampler_state(states["sampler"], states["layout"], layout)}
