@@ -12,13 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from distributed import free_port
+from distributed import free_port, run_distributed
 from safetensors.torch import load_file
 from test_launchers import launcher
 from test_training import corpus, ds_config, launch, launch_env, losses, records, train_args  # noqa: F401
 
 from goldfish_ds.data import ShardedSampler
+from goldfish_ds.parallel import initialize_model_parallel
 from goldfish_ds.training import parse_args
+from goldfish_ds.training.checkpoint import CheckpointManager
 from goldfish_ds.training.reshard import check_reshard_layout, resharded_sampler_state
 
 RESUME = str(Path(__file__).resolve().parent / "reshard_resume.py")
@@ -129,21 +131,30 @@ def test_reshard_keeps_the_tensor_parallel_slices(corpus, dp2_run, tmp_path):  #
     np.testing.assert_allclose(losses(out), losses(dp2_run), rtol=0, atol=1e-4)
 
 
-def test_resume_at_another_size_is_refused_by_name(corpus, dp2_run, tmp_path):  # noqa: F811
-    """Without --reshard the error says to add it; with it, another tensor-parallel size (and here with it another
-    global batch) is refused naming both, before anything is loaded."""
-    out = tmp_path / "run"
-    resume_from_step_5(dp2_run, out)
-    plain = launch("python", 1, run_args(corpus, out, 1, "--resume"), expect_ok=False)
-    assert plain.returncode != 0 and "add --reshard to continue it at another data-parallel size" in plain.stderr
-    tp2 = launch("torchrun", 2, run_args(corpus, out, 2, "--resume", "--reshard", "--tensor_parallel", "2"),
-                 expect_ok=False)
-    assert tp2.returncode != 0
-    assert ("--tensor_parallel 1 in the checkpoint, 2 in this run: --reshard changes only the data-parallel size"
-            in tp2.stderr), tp2.stderr[-3000:]
+def body_refusals(rank: int, world_size: int, checkpoints: str) -> None:
+    """On 1 rank, a plain resume of the DP=2 checkpoint; on 2, with TP=2 (DP=1, so another global batch too), a
+    resume with --reshard: both are refused before the engine (None here) is touched."""
+    initialize_model_parallel(world_size)
+    manager = CheckpointManager(checkpoints, keep=2)
+    tag = f"step_{SAVED:08d}"
+    if world_size == 1:
+        with pytest.raises(ValueError, match="written by 2 ranks; this job has 1: resume with the same world size and "
+                                             "layout, or add --reshard to continue it at another data-parallel size"):
+            manager.load(None, tag)
+        return
+    with pytest.raises(ValueError) as refused:
+        manager.load(None, tag, reshard_to=layout(1, 2, 2, tp=2))
+    assert "--tensor_parallel 1 in the checkpoint, 2 in this run: --reshard changes only the data-parallel size" \
+        in str(refused.value)
     assert "global batch 8 rows in the checkpoint (micro-batch 2 x accumulation 2 x 2 data-parallel ranks), 4 in " \
-           "this run (2 x 2 x 1)" in tp2.stderr
-    assert [r["step"] for r in records(out)] == list(range(1, STEPS + 1))  # nothing trained or truncated
+           "this run (2 x 2 x 1)" in str(refused.value)
+
+
+def test_resume_at_another_size_is_refused_by_name(dp2_run):
+    """Without --reshard the error says to add it; with it, another tensor-parallel size (and here with it another
+    global batch) is refused naming both (gloo ranks reading the real DP=2 checkpoint)."""
+    for world_size in (1, 2):
+        run_distributed(body_refusals, world_size, str(dp2_run / "checkpoints"))
 
 
 # ---- units --------------------------------------------------------------------------------------------

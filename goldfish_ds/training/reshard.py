@@ -80,7 +80,7 @@ def _zero3_files(directory: Path, tp_rank: int) -> list[Path]:
     pattern = re.compile(rf"(bf16_)?zero_pp_rank_(\d+)_mp_rank_{tp_rank:02d}_optim_states\.pt")
     found = {int(m.group(2)): directory / m.group(0)
              for m in map(pattern.fullmatch, (p.name for p in directory.iterdir())) if m}
-    if sorted(found) != list(range(len(found))) or not found:
+    if not found or sorted(found) != list(range(len(found))):
         raise ValueError(f"--reshard: {directory} does not hold one ZeRO-3 optimizer-state file per data-parallel "
                          f"rank for tensor-parallel rank {tp_rank} (found ranks {sorted(found)})")
     return [found[r] for r in range(len(found))]
@@ -97,18 +97,28 @@ def _load_deepspeed_file(path: Path) -> dict:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
 
 
+def _model_states(directory: Path, tp_rank: int) -> dict:
+    """Data-parallel rank 0's model-states file of tensor-parallel rank tp_rank (our client state, the parameter
+    shapes, the schedule)."""
+    path = directory / f"zero_pp_rank_0_mp_rank_{tp_rank:02d}_model_states.pt"
+    if not path.is_file():
+        raise ValueError(f"--reshard: {directory} has no {path.name}: not a ZeRO-3 checkpoint of tensor-parallel "
+                         f"rank {tp_rank} (--reshard needs zero_optimization.stage 3)")
+    return _load_deepspeed_file(path)
+
+
 def load_resharded(engine, directory: Path, layout: dict) -> dict:
     """Load ZeRO-3 checkpoint `directory` (written at any data-parallel size, the same tensor-parallel size)
     into `engine`, this job's DeepSpeed engine with layout `layout` (Job.layout()); every rank calls it.
     Returns the checkpoint's model-states dict (our client state among DeepSpeed's entries, as
     engine.load_checkpoint returns it), its sampler position converted to this layout."""
     tp_rank = tensor_parallel_rank()
-    model_states = directory / f"zero_pp_rank_0_mp_rank_{tp_rank:02d}_model_states.pt"
-    if not model_states.is_file():
-        raise ValueError(f"--reshard: {directory} has no {model_states.name}: not a ZeRO-3 checkpoint of "
-                         f"tensor-parallel rank {tp_rank} (--reshard needs zero_optimization.stage 3)")
-    states = _load_deepspeed_file(model_states)
-    check_reshard_layout(states["layout"], layout)
+    first = _model_states(directory, 0)
+    check_reshard_layout(first["layout"], layout)  # on every rank the same verdict, from the same file
+    states = first if tp_rank == 0 else _model_states(directory, tp_rank)
+    if engine.zero_optimization_stage() != 3:
+        raise ValueError(f"--reshard converts ZeRO-3 checkpoints into a ZeRO-3 run: this run's --deepspeed_config has "
+                         f"zero_optimization.stage {engine.zero_optimization_stage()}")
     files = _zero3_files(directory, tp_rank)
     old_dp = len(files)
     if old_dp != states["dp_world_size"]:
