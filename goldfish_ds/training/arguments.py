@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                                  "counting the steps before a resume)")
     run.add_argument("--resume", action="store_true", help="continue exactly from the latest complete checkpoint "
                                                            "in out_dir/checkpoints")
+    run.add_argument("--reshard", action="store_true",
+                     help="with --resume: continue a ZeRO-3 checkpoint at another data-parallel size (the same "
+                          "--tensor_parallel, --seq_len and global batch: micro-batch x accumulation x data-parallel "
+                          "size), converting its weights and optimizer state on loading")
     run.add_argument("--seed", type=int, default=1234, help="model initialisation seed")
     run.add_argument("--data_seed", type=int, default=0, help="seed of the per-epoch row order")
     run.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the deepspeed launcher
@@ -152,6 +156,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("warmup_steps", "eval_interval"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.reshard and not args.resume:
+        raise ValueError("--reshard converts the checkpoint that --resume loads: give --resume too")
     if not args.dist_timeout > 0:
         raise ValueError(f"--dist_timeout must be > 0 seconds, got {args.dist_timeout}")
     if not args.lr > 0:

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from goldfish_ds.training.faults import maybe_crash
+from goldfish_ds.training.reshard import load_resharded
 
 PARTIAL = ".partial"
 
@@ -143,16 +144,22 @@ class CheckpointManager:
             if path.name != keep_tag:
                 shutil.rmtree(path)
 
-    def load(self, engine, tag: str) -> dict:
-        """Load checkpoint `tag` into `engine` and restore this rank's RNGs; returns the client state."""
+    def load(self, engine, tag: str, reshard_to: dict | None = None) -> dict:
+        """Load checkpoint `tag` into `engine` and restore this rank's RNGs; returns the client state. With
+        `reshard_to` (this job's Job.layout(), for --reshard) a ZeRO-3 checkpoint of another data-parallel size
+        is converted on loading (goldfish_ds.training.reshard; RNG states not restored)."""
+        if reshard_to is not None:
+            return load_resharded(engine, self.root / tag, reshard_to)
         rank_file = self.root / tag / f"rank_{self.rank:05d}.pt"
         if not rank_file.is_file():
             raise ValueError(f"checkpoint {self.root / tag} has no state for rank {self.rank}: it was written by a "
-                             f"job of another size (this one has {self.world_size} ranks)")
+                             f"job of another size (this one has {self.world_size} ranks); add --reshard to "
+                             "continue it at another data-parallel size")
         rank_state = torch.load(rank_file, weights_only=False)
         if rank_state["world_size"] != self.world_size:
             raise ValueError(f"checkpoint {self.root / tag} was written by {rank_state['world_size']} ranks; this job "
-                             f"has {self.world_size}: resume with the same world size and layout")
+                             f"has {self.world_size}: resume with the same world size and layout, or add --reshard "
+                             "to continue it at another data-parallel size")
         path, client_state = engine.load_checkpoint(str(self.root), tag=tag)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.root / tag}")

@@ -200,11 +200,13 @@ class Job:
         tag = self.checkpoints.latest_tag()
         if tag is None:
             raise FileNotFoundError(f"--resume: no complete checkpoint in {self.checkpoints.root}")
-        with self.memory.measure("resume"):
-            state = self.checkpoints.load(self.engine, tag)
         mine = self.client_state()
+        with self.memory.measure("resume"):
+            state = self.checkpoints.load(self.engine, tag, reshard_to=mine["layout"] if self.args.reshard else None)
         for key, what in (("goldfish", "goldfish settings (the masks would change mid-run)"),
                           ("model", "model config"), ("layout", "batch layout"), ("data_rows", "training data")):
+            if key == "layout" and self.args.reshard:
+                continue  # checked, and the sampler position converted, by the load
             if state[key] != mine[key]:
                 raise ValueError(f"--resume: the checkpoint's {what} differ from this run's:\n  checkpoint: "
                                  f"{state[key]}\n  this run:   {mine[key]}")
