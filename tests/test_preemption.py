@@ -5,12 +5,14 @@ the GOLDFISH_DS_CRASH fault hook (goldfish_ds/training/faults.py) at a known ste
 says rank 0 holds after a known step."""
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import time
 from pathlib import Path
 
 import psutil
+import pytest
 import torch
 from test_training import (  # noqa: F401 (corpus and dp2_run are fixtures)
     STEPS,
@@ -139,3 +141,19 @@ def test_exit_after_minutes(corpus, tmp_path):
     assert stopped.returncode == PREEMPTED_EXIT_STATUS, stopped.stderr[-3000:]
     assert "step 1: stopped by exit_after_minutes" in stopped.stdout + stopped.stderr
     assert (out / "checkpoints" / "latest").read_text() == "step_00000001"
+
+
+def test_exit_after_minutes_must_be_positive():
+    from goldfish_ds.training import parse_args
+
+    with pytest.raises(ValueError, match=re.escape("--exit_after_minutes must be > 0 minutes, got 0.0")):
+        parse_args(["--exit_after_minutes", "0"])
+
+
+def test_a_malformed_fault_is_an_error(monkeypatch):
+    from goldfish_ds.training.faults import maybe_crash
+
+    monkeypatch.setenv("GOLDFISH_DS_CRASH", "step:7")
+    message = "GOLDFISH_DS_CRASH: 'step:7' is not <point>:<steps>:<rank>[:<arg>]"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        maybe_crash("step", 7)
