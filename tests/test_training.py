@@ -72,17 +72,23 @@ def launch_env(nproc: int, env: dict | None = None) -> dict:
                 OMP_NUM_THREADS="1" if nproc > 1 else "2", **(env or {}))
 
 
+def launch_command(kind: str, nproc: int) -> list:
+    """The command line that starts scripts/pretrain.py on nproc ranks under a launcher (before its options)."""
+    if kind == "python":
+        return [sys.executable, PRETRAIN]
+    if kind == "deepspeed":
+        return [launcher("deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()), PRETRAIN]
+    if kind == "mpirun":
+        return [launcher("mpirun"), "-np", str(nproc), "--map-by", "slot:OVERSUBSCRIBE", sys.executable, PRETRAIN]
+    if kind == "torchrun":
+        return [launcher("torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()), PRETRAIN]
+    raise ValueError(f"launcher kind must be python, deepspeed, mpirun or torchrun, got {kind!r}")
+
+
 def launch(kind: str, nproc: int, args: list, expect_ok: bool = True, env: dict | None = None):
     """Run scripts/pretrain.py under a launcher; returns the CompletedProcess."""
-    if kind == "python":
-        command = [sys.executable, PRETRAIN]
-    elif kind == "deepspeed":
-        command = [launcher("deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()), PRETRAIN]
-    elif kind == "mpirun":
-        command = [launcher("mpirun"), "-np", str(nproc), "--map-by", "slot:OVERSUBSCRIBE", sys.executable, PRETRAIN]
-    elif kind == "torchrun":
-        command = [launcher("torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()), PRETRAIN]
-    result = subprocess.run(command + args, env=launch_env(nproc, env), capture_output=True, text=True, timeout=900)
+    result = subprocess.run(launch_command(kind, nproc) + args, env=launch_env(nproc, env), capture_output=True,
+                            text=True, timeout=900)
     if expect_ok:
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return result

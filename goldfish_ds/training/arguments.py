@@ -16,6 +16,7 @@ from goldfish_ds.config import STRATEGIES, WINDOWS, GoldfishConfig
 from goldfish_ds.models.hf import DEFAULT_MAX_SHARD_SIZE, parse_size
 from goldfish_ds.table import load_table
 from goldfish_ds.training.flops import FORMULA, PEAK_TFLOPS
+from goldfish_ds.training.preemption import PREEMPTED_EXIT_STATUS
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_MODEL_CONFIG = str(REPO_CONFIGS / "models" / "tiny.json")
@@ -30,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "tensor parallelism. Launch with `deepspeed`, `torchrun`, `mpirun` or plain `python`. With no "
                     "data arguments it trains the tiny model on Python's bundled documentation (pydoc_data.topics) "
                     "with a tokenizer trained on the spot.",
+        epilog=f"Exit status: 0 when --max_steps were trained; {PREEMPTED_EXIT_STATUS} when SIGTERM or SIGUSR1 (to any "
+               "rank or a launcher that forwards it) or --exit_after_minutes stopped the job after a checkpoint of "
+               "its last step (run it again with --resume); anything else is an error.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", help="JSON file of option values (keys = option names without dashes); the "
                                     "command line overrides it")
@@ -47,6 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --resume: continue a ZeRO-3 checkpoint at another data-parallel size (the same "
                           "--tensor_parallel, --seq_len and global batch: micro-batch x accumulation x data-parallel "
                           "size), converting its weights and optimizer state on loading")
+    faults = p.add_argument_group("preemption and bad steps (see the README's Preemption and faults section)")
+    faults.add_argument("--exit_after_minutes", type=float, default=None,
+                        help="stop after this many minutes of wall-clock time (rank 0's clock, from the start of "
+                             "set-up) as on SIGTERM/SIGUSR1: finish the step, write a checkpoint, exit with status "
+                             f"{PREEMPTED_EXIT_STATUS}")
+    faults.add_argument("--max_skipped_steps", type=int, default=3,
+                        help="stop with an error when this many optimizer steps in a row were skipped for a "
+                             "non-finite loss or gradient norm")
+    faults.add_argument("--spike_factor", type=float, default=2.0,
+                        help="log a 'spike' record when a step's loss exceeds this factor times its running mean "
+                             "(an EMA with decay 0.9) after --warmup_steps applied steps; 0: never")
     run.add_argument("--seed", type=int, default=1234, help="model initialisation seed")
     run.add_argument("--data_seed", type=int, default=0, help="seed of the per-epoch row order")
     run.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the deepspeed launcher
@@ -150,7 +165,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.set_defaults(**values)
         args = parser.parse_args(argv)
     for name in ("max_steps", "seq_len", "tensor_parallel", "log_interval", "eval_rows", "save_interval",
-                 "keep_checkpoints"):
+                 "keep_checkpoints", "max_skipped_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     for name in ("warmup_steps", "eval_interval"):
@@ -160,6 +175,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError("--reshard converts the checkpoint that --resume loads: give --resume too")
     if not args.dist_timeout > 0:
         raise ValueError(f"--dist_timeout must be > 0 seconds, got {args.dist_timeout}")
+    if args.exit_after_minutes is not None and not args.exit_after_minutes > 0:
+        raise ValueError(f"--exit_after_minutes must be > 0 minutes, got {args.exit_after_minutes}")
+    if not (args.spike_factor == 0 or args.spike_factor > 1):
+        raise ValueError(f"--spike_factor must be 0 (off) or > 1, got {args.spike_factor}")
     if not args.lr > 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
     if not 0 <= args.min_lr <= args.lr:

@@ -148,8 +148,11 @@ class MetricsLogger:
         if record["kind"] == "train":
             self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                   tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
-        else:
+        elif record["kind"] == "val":
             self._bar.write(f"step {record['step']}: validation loss {record['val_loss']:.4f}")
+        else:  # a skipped step, a loss spike
+            self._bar.write(f"step {record['step']}: {record['kind']} " + json.dumps(
+                {k: v for k, v in record.items() if k not in ("kind", "step", "rows")}))
 
     def advance(self, steps: int = 1) -> None:
         if self.enabled:
