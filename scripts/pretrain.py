@@ -16,6 +16,7 @@ import traceback
 import torch.distributed as dist
 
 from goldfish_ds.training import Job, parse_args
+from goldfish_ds.training.checkpoint import CheckpointError
 
 
 def main() -> None:
@@ -25,6 +26,8 @@ def main() -> None:
         sys.exit(f"pretrain.py: error: {e}")
     try:
         summary = job.train()
+    except CheckpointError as e:  # a save that failed on some rank (every rank stops), a damaged checkpoint
+        sys.exit(f"pretrain.py: error: {e}")
     except RuntimeError as e:  # gloo and NCCL report a failed collective as a RuntimeError
         if dist.get_world_size() == 1:
             raise

@@ -194,12 +194,10 @@ class Job:
                 "micro_batch": self.micro_batch, "accumulation": self.accumulation, "seq_len": self.args.seq_len}
 
     def resume(self) -> None:
-        tag = self.checkpoints.latest_tag()
-        if tag is None:
-            raise FileNotFoundError(f"--resume: no complete checkpoint in {self.checkpoints.root}")
+        tag = self.checkpoints.resume_tag(self.args.resume_from, verify_hashes=self.args.verify_checkpoint)
         with self.memory.measure("resume"):
             state = self.checkpoints.load(self.engine, tag)
-        mine = self.client_state()
+        mine = json.loads(json.dumps(self.client_state()))  # as the checkpoint's JSON holds it (tuples as lists)
         for key, what in (("goldfish", "goldfish settings (the masks would change mid-run)"),
                           ("model", "model config"), ("layout", "batch layout"), ("data_rows", "training data")):
             if state[key] != mine[key]:
@@ -281,7 +279,7 @@ class Job:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / ARGS_FILE).write_text(json.dumps(vars(args), indent=1))
         self.checkpoints.remove_partial()
-        if args.resume:
+        if args.resume or args.resume_from:
             self.resume()
         logger = MetricsLogger(str(self.out_dir), enabled=self.rank == 0, start_step=self.step,
                                max_steps=args.max_steps, progress=args.progress)
