@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -25,21 +26,32 @@ from goldfish_ds.training.checkpoint import describe_error
 DEEPSPEED_SAFE_GLOBALS = [LossScaler, ZeroStageEnum]
 
 
+_HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-sha256")
+_OVERLAP_BYTES = 1 << 20  # larger writes are hashed on _HASHER while the file is written
+
+
 class _HashingFile:
     """A binary file that hashes and counts what is written through it, and keeps the OSError a write raised
-    (torch.save reports it as a RuntimeError of its own)."""
+    (torch.save reports it as a RuntimeError of its own). A large block is hashed in a thread while it is
+    written (both release the GIL), so hashing adds little to a save that is bound by the disk."""
 
     def __init__(self, file: BinaryIO) -> None:
         self.file, self.sha256, self.size, self.error = file, hashlib.sha256(), 0, None
 
     def write(self, data) -> int:
+        size = memoryview(data).nbytes
+        hashing = _HASHER.submit(self.sha256.update, data) if size >= _OVERLAP_BYTES else None
         try:
             written = self.file.write(data)
         except OSError as e:
             self.error = e
             raise
-        self.sha256.update(data)
-        self.size += memoryview(data).nbytes
+        finally:
+            if hashing is not None:
+                hashing.result()
+        if hashing is None:
+            self.sha256.update(data)
+        self.size += size
         return written
 
     def flush(self) -> None:
