@@ -14,16 +14,17 @@ from typing import BinaryIO
 import torch
 from deepspeed.runtime.checkpoint_engine import CheckpointCommitInfo
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
-from deepspeed.runtime.fp16.loss_scaler import LossScaler
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 
 from goldfish_ds.training.checkpoint import describe_error
 
 # The classes besides tensors and builtins that DeepSpeed 0.19.8 pickles into the files of our ZeRO checkpoints
 # (torch.serialization.get_unsafe_globals_in_checkpoint): in each optimizer-state file, the ZeRO stage as an enum
-# ("zero_stage") and the loss scaler object ("loss_scaler", there without fp16 too). The model-state files need
-# none. torch.load(weights_only=True) refuses every other class, and runs no code from the file.
-DEEPSPEED_SAFE_GLOBALS = [LossScaler, ZeroStageEnum]
+# ("zero_stage") and the loss scaler object ("loss_scaler": a LossScaler in fp32 and bf16 runs, a
+# DynamicLossScaler with fp16's dynamic scaling). The model-state files need none. torch.load(weights_only=True)
+# refuses every other class, and runs no code from the file.
+DEEPSPEED_SAFE_GLOBALS = [LossScaler, DynamicLossScaler, ZeroStageEnum]
 
 
 _HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-sha256")
