@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from goldfish_ds.training import Job, parse_args
 from goldfish_ds.training.anomalies import TooManySkippedSteps
+from goldfish_ds.training.checkpoint import CheckpointError
 from goldfish_ds.training.preemption import PREEMPTED_EXIT_STATUS
 
 
@@ -28,7 +29,9 @@ def main() -> None:
         sys.exit(f"pretrain.py: error: {e}")
     try:
         summary = job.train()
-    except TooManySkippedSteps as e:  # every rank raises it at the same step
+    except (TooManySkippedSteps, CheckpointError, ValueError, FileNotFoundError) as e:
+        # raised on every rank: a run of skipped steps, a save that failed on some rank, a damaged checkpoint or
+        # one that does not fit this run (--resume's checks)
         sys.exit(f"pretrain.py: error: {e}")
     except RuntimeError as e:  # gloo and NCCL report a failed collective as a RuntimeError
         if dist.get_world_size() == 1:

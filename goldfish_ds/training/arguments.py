@@ -45,8 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out_dir", default="runs/default", help="checkpoints/, metrics.jsonl, tensorboard/, hf/")
     run.add_argument("--max_steps", type=int, default=300, help="optimizer steps to train for (in total, "
                                                                  "counting the steps before a resume)")
-    run.add_argument("--resume", action="store_true", help="continue exactly from the latest complete checkpoint "
-                                                           "in out_dir/checkpoints")
+    run.add_argument("--resume", action="store_true",
+                     help="continue exactly from the newest valid checkpoint in out_dir/checkpoints (every file of "
+                          "its manifest present with its size; a damaged one is skipped with a message)")
+    run.add_argument("--resume_from", default=None, metavar="TAG",
+                     help="continue exactly from this checkpoint, e.g. step_00000100 (implies --resume)")
+    run.add_argument("--verify_checkpoint", action="store_true",
+                     help="with --resume or --resume_from: check the sha256 of every checkpoint file against its "
+                          "manifest too (reads the whole checkpoint, split between the ranks)")
     run.add_argument("--reshard", action="store_true",
                      help="with --resume: continue a ZeRO-3 checkpoint at another data-parallel size (the same "
                           "--tensor_parallel, --seq_len and global batch: micro-batch x accumulation x data-parallel "
@@ -171,8 +177,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("warmup_steps", "eval_interval"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
-    if args.reshard and not args.resume:
+    if args.reshard and not (args.resume or args.resume_from):
         raise ValueError("--reshard converts the checkpoint that --resume loads: give --resume too")
+    if args.verify_checkpoint and not (args.resume or args.resume_from):
+        raise ValueError("--verify_checkpoint checks the checkpoint a run resumes from: give --resume or "
+                         "--resume_from TAG too")
     if not args.dist_timeout > 0:
         raise ValueError(f"--dist_timeout must be > 0 seconds, got {args.dist_timeout}")
     if args.exit_after_minutes is not None and not args.exit_after_minutes > 0:

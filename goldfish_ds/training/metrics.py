@@ -4,15 +4,16 @@ out_dir/wandb; WANDB_MODE=offline works without a network); and every rank's pea
 out_dir/memory.jsonl.
 
 Each metrics.jsonl record has "kind" ("train" or "val") and "step". On resume the records after the resumed
-step are dropped first, so the file always describes one uninterrupted run. memory.jsonl gets one record per
-rank and phase each time a process runs the phase (HostMemoryPhases): the resident set size when the phase began
-and its peak during the phase (Linux only).
+step are dropped first, so the file always describes one uninterrupted run (so is a last line torn by a crash
+mid-write, with a warning). memory.jsonl gets one record per rank and phase each time a process runs the phase
+(HostMemoryPhases): the resident set size when the phase began and its peak during the phase (Linux only).
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -125,12 +126,26 @@ class MetricsLogger:
                 self.wandb_dir = self._wandb.settings.sync_dir
 
     def _truncate_after(self, step: int) -> None:
+        """Keep the records up to `step`. A last line that is not JSON (a crash mid-write tore it) is dropped
+        with a warning on stderr; one elsewhere is an error naming the line."""
         if not self.path.is_file():
             return
-        lines = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                 if line.strip() and json.loads(line)["step"] <= step]
+        lines = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        kept = []
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                if number < len(lines):
+                    raise ValueError(f"{self.path}: record {number} of {len(lines)} is not JSON ({e}): "
+                                     f"{line[:80]!r}") from None
+                print(f"{self.path}: dropped its last line, cut short by an interrupted write: {line[:80]!r}",
+                      file=sys.stderr, flush=True)
+                continue
+            if record["step"] <= step:
+                kept.append(line)
         tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         os.replace(tmp, self.path)
 
     def log(self, record: dict) -> None:

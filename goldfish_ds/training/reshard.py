@@ -86,36 +86,26 @@ def _zero3_files(directory: Path, tp_rank: int) -> list[Path]:
     return [found[r] for r in range(len(found))]
 
 
-def _load_deepspeed_file(path: Path) -> dict:
-    """A DeepSpeed checkpoint file, memory-mapped (only the slices read are paged in) and unpickled with
-    weights_only=True: tensors, containers and the DeepSpeed classes its optimizer state holds (the ZeRO stage and
-    the loss scaler)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-
-    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-
-
 def _model_states(directory: Path, tp_rank: int) -> dict:
-    """Data-parallel rank 0's model-states file of tensor-parallel rank tp_rank (our client state, the parameter
-    shapes, the schedule)."""
+    """Data-parallel rank 0's model-states file of tensor-parallel rank tp_rank (the parameter shapes, the
+    schedule, DeepSpeed's step counters)."""
+    from goldfish_ds.training.checkpoint_engine import load_deepspeed_file  # imports deepspeed: after the accelerator
+
     path = directory / f"zero_pp_rank_0_mp_rank_{tp_rank:02d}_model_states.pt"
     if not path.is_file():
         raise ValueError(f"--reshard: {directory} has no {path.name}: not a ZeRO-3 checkpoint of tensor-parallel "
                          f"rank {tp_rank} (--reshard needs zero_optimization.stage 3)")
-    return _load_deepspeed_file(path)
+    return load_deepspeed_file(path, "cpu")
 
 
-def load_resharded(engine, directory: Path, layout: dict) -> dict:
+def load_resharded(engine, directory: Path, client_state: dict, layout: dict) -> dict:
     """Load ZeRO-3 checkpoint `directory` (written at any data-parallel size, the same tensor-parallel size)
     into `engine`, this job's DeepSpeed engine with layout `layout` (Job.layout()); every rank calls it.
-    Returns the checkpoint's model-states dict (our client state among DeepSpeed's entries, as
-    engine.load_checkpoint returns it), its sampler position converted to this layout."""
+    `client_state` is the checkpoint's (checkpoint.read_client_state); returns it with its sampler position
+    converted to this layout."""
+    check_reshard_layout(client_state["layout"], layout)  # on every rank the same verdict, from the same file
     tp_rank = tensor_parallel_rank()
-    first = _model_states(directory, 0)
-    check_reshard_layout(first["layout"], layout)  # on every rank the same verdict, from the same file
-    states = first if tp_rank == 0 else _model_states(directory, tp_rank)
+    states = _model_states(directory, tp_rank)
     if engine.zero_optimization_stage() != 3:
         raise ValueError(f"--reshard converts ZeRO-3 checkpoints into a ZeRO-3 run: this run's --deepspeed_config has "
                          f"zero_optimization.stage {engine.zero_optimization_stage()}")
@@ -124,7 +114,9 @@ def load_resharded(engine, directory: Path, layout: dict) -> dict:
     if old_dp != states["dp_world_size"]:
         raise ValueError(f"--reshard: {directory} holds {old_dp} optimizer-state files for tensor-parallel rank "
                          f"{tp_rank}, its model states say {states['dp_world_size']} data-parallel ranks")
-    zero = [_load_deepspeed_file(f)["optimizer_state_dict"] for f in files]
+    from goldfish_ds.training.checkpoint_engine import load_deepspeed_file
+
+    zero = [load_deepspeed_file(f, "cpu")["optimizer_state_dict"] for f in files]
 
     index = {}  # name -> (sub-group, offset of the parameter's piece in each old flat partition, numel)
     for group, shapes in enumerate(states["param_shapes"]):
@@ -195,4 +187,5 @@ def load_resharded(engine, directory: Path, layout: dict) -> dict:
     engine.lr_scheduler.load_state_dict(states["lr_scheduler"])
     engine.global_steps, engine.global_samples, engine.skipped_steps = (
         states["global_steps"], states["global_samples"], states["skipped_steps"])
-    return {**states, "sampler": resharded_sampler_state(states["sampler"], states["layout"], layout)}
+    return {**client_state,
+            "sampler": resharded_sampler_state(client_state["sampler"], client_state["layout"], layout)}

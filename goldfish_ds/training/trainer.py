@@ -205,10 +205,8 @@ class Job:
                 "micro_batch": self.micro_batch, "accumulation": self.accumulation, "seq_len": self.args.seq_len}
 
     def resume(self) -> None:
-        tag = self.checkpoints.latest_tag()
-        if tag is None:
-            raise FileNotFoundError(f"--resume: no complete checkpoint in {self.checkpoints.root}")
-        mine = self.client_state()
+        tag = self.checkpoints.resume_tag(self.args.resume_from, verify_hashes=self.args.verify_checkpoint)
+        mine = json.loads(json.dumps(self.client_state()))  # as the checkpoint's JSON holds it (tuples as lists)
         with self.memory.measure("resume"):
             state = self.checkpoints.load(self.engine, tag, reshard_to=mine["layout"] if self.args.reshard else None)
         for key, what in (("goldfish", "goldfish settings (the masks would change mid-run)"),
@@ -327,7 +325,7 @@ class Job:
         self.checkpoints.remove_partial()
         self.stop_requests.install()
         try:
-            if args.resume:
+            if args.resume or args.resume_from:
                 self.resume()
             logger = MetricsLogger(str(self.out_dir), enabled=self.rank == 0, start_step=self.step,
                                    max_steps=args.max_steps, progress=args.progress,
