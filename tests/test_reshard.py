@@ -20,7 +20,7 @@ from test_training import corpus, ds_config, launch, launch_env, losses, records
 from goldfish_ds.data import ShardedSampler
 from goldfish_ds.parallel import initialize_model_parallel
 from goldfish_ds.training import parse_args
-from goldfish_ds.training.checkpoint import CheckpointManager
+from goldfish_ds.training.checkpoint import CheckpointError, CheckpointManager
 from goldfish_ds.training.reshard import check_reshard_layout, resharded_sampler_state
 
 RESUME = str(Path(__file__).resolve().parent / "reshard_resume.py")
@@ -138,7 +138,7 @@ def body_refusals(rank: int, world_size: int, checkpoints: str) -> None:
     manager = CheckpointManager(checkpoints, keep=2)
     tag = f"step_{SAVED:08d}"
     if world_size == 1:
-        with pytest.raises(ValueError, match="written by 2 ranks; this job has 1: resume with the same world size and "
+        with pytest.raises(CheckpointError, match="written by 2 ranks; this job has 1: resume with the same world size and "
                                              "layout, or add --reshard to continue it at another data-parallel size"):
             manager.load(None, tag)
         return
