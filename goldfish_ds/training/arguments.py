@@ -13,10 +13,11 @@ from pathlib import Path
 from goldfish_ds.config import STRATEGIES, WINDOWS, GoldfishConfig
 from goldfish_ds.models.hf import DEFAULT_MAX_SHARD_SIZE, parse_size
 
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-DEFAULT_MODEL_CONFIG = str(REPO_CONFIGS / "models" / "tiny.json")
-DEFAULT_CPU_DEEPSPEED_CONFIG = str(REPO_CONFIGS / "deepspeed" / "zero3_cpu.json")
-DEFAULT_GPU_DEEPSPEED_CONFIG = str(REPO_CONFIGS / "deepspeed" / "zero3_gpu_bf16.json")
+# The shipped configs are package data (the repository's configs/ is a link to this directory).
+PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+DEFAULT_MODEL_CONFIG = str(PACKAGE_CONFIGS / "models" / "tiny.json")
+DEFAULT_CPU_DEEPSPEED_CONFIG = str(PACKAGE_CONFIGS / "deepspeed" / "zero3_cpu.json")
+DEFAULT_GPU_DEEPSPEED_CONFIG = str(PACKAGE_CONFIGS / "deepspeed" / "zero3_gpu_bf16.json")
 
 
 def build_parser() -> argparse.ArgumentParser:
