@@ -7,7 +7,7 @@ import sys
 
 
 def restart_with_passive_openmp(module: str) -> None:
-    """Run this command again as `python -m module` with OMP_WAIT_POLICY=PASSIVE, unless the variable is set.
+    """Run this command (module's main) again with OMP_WAIT_POLICY=PASSIVE, unless the variable is set.
 
     OpenMP reads the variable once, when torch loads, which is before any command's code runs. Idle threads
     then sleep instead of spinning: on busy cores, spinning threads made greedy extraction with the tiny model
@@ -15,4 +15,6 @@ def restart_with_passive_openmp(module: str) -> None:
     """
     if "OMP_WAIT_POLICY" not in os.environ:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        os.execv(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]])
+        # The same sys.argv, so argparse names the program as the user called it.
+        code = f"import sys; sys.argv[0] = {sys.argv[0]!r}; from {module} import main; main()"
+        os.execv(sys.executable, [sys.executable, "-c", code, *sys.argv[1:]])
