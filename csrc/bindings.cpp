@@ -170,6 +170,11 @@ TORCH_LIBRARY_IMPL(goldfish_ds, CPU, m) {
 
 }  // namespace goldfish
 
+// The SIMD level in a form Python finds in the file without loading it (goldfish_ds/kernels.py reads it and
+// checks the CPU before the import: code built for AVX-512 may run AVX-512 instructions while it loads).
+extern "C" __attribute__((used, visibility("default"))) const char goldfish_ds_cpu_capability_tag[] =
+    "goldfish_ds.cpu_capability=" GOLDFISH_CPU_CAPABILITY ";";
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "goldfish_ds compiled kernels (operators are registered under torch.ops.goldfish_ds)";
   m.def("compiled_backends", [] {

@@ -4,10 +4,18 @@ The operators live under torch.ops.goldfish_ds (schemas in csrc/bindings.cpp). T
 fake (meta) implementations so they trace under torch.compile, and reports what the build contains.
 There is no Python fallback: without the extension, or with one compiled against another torch,
 importing goldfish_ds fails with the fix.
+
+Before the extension is loaded, the SIMD level it was built for (recorded in the file, see
+csrc/bindings.cpp) is checked against the running CPU's /proc/cpuinfo flags: a build for AVX-512 on a CPU
+without it gets an ImportError that says how to rebuild, not SIGILL (compiled code may execute AVX-512
+instructions while it loads, so the check cannot wait for the import).
 """
 from __future__ import annotations
 
-from typing import List
+import importlib.util
+import mmap
+from pathlib import Path
+from typing import FrozenSet, List, Optional
 
 import torch
 
@@ -22,6 +30,66 @@ except ImportError:
 if TORCH_VERSION != torch.__version__:
     raise ImportError(f"goldfish_ds: the compiled extension goldfish_ds._C was built against torch {TORCH_VERSION} "
                       f"({TORCH_PATH}), but this is torch {torch.__version__} ({torch.__path__[0]}). {_REBUILD}")
+# The /proc/cpuinfo flags each level needs: the instruction sets setup.py's CPU_FLAGS compile for.
+CPU_CAPABILITY_FLAGS = {
+    "AVX512_BF16": ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "avx512_bf16"),
+    "AVX512": ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"),
+    "AVX2": ("avx2", "fma", "f16c"),
+    "DEFAULT": (),
+}
+_TAG = b"goldfish_ds.cpu_capability="
+
+
+def built_cpu_capability(library: str) -> Optional[str]:
+    """The SIMD level recorded in the compiled extension file `library`, read without loading it (None when the
+    file carries no record: a build older than the record)."""
+    with open(library, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        start = data.find(_TAG)
+        if start < 0:
+            return None
+        start += len(_TAG)
+        return data[start:data.find(b";", start)].decode("ascii")
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> Optional[FrozenSet[str]]:
+    """The feature flags of the running CPU from the first `flags` line of /proc/cpuinfo (None off Linux)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return None
+
+
+def check_cpu_supports(capability: str, flags: FrozenSet[str]) -> None:
+    """Raise ImportError, with the rebuild command, when a CPU with these flags cannot run a build for
+    `capability` (a key of CPU_CAPABILITY_FLAGS)."""
+    missing = [flag for flag in CPU_CAPABILITY_FLAGS[capability] if flag not in flags]
+    if missing:
+        best = next(level for level, needed in CPU_CAPABILITY_FLAGS.items() if flags.issuperset(needed))
+        raise ImportError(
+            f"goldfish_ds: the compiled extension goldfish_ds._C was built for the SIMD level {capability}, which "
+            f"this CPU lacks (no {', '.join(missing)} in /proc/cpuinfo); loading it would crash with an illegal "
+            f"instruction. Rebuild it on this machine: `GOLDFISH_CPU_CAPABILITY={best} pip install "
+            "--no-build-isolation -e .` from the repository root (without GOLDFISH_CPU_CAPABILITY the build "
+            "uses the level of the machine that builds)."
+        )
+
+
+def _check_extension_runs_here() -> None:
+    spec = importlib.util.find_spec("goldfish_ds._C")
+    flags = cpu_flags()
+    if spec is None or spec.origin is None or flags is None:
+        return  # no extension (the import below says so) or no /proc/cpuinfo to judge by
+    capability = built_cpu_capability(spec.origin)
+    if capability is not None:
+        check_cpu_supports(capability, flags)
+
+
+_check_extension_runs_here()
 try:
     from goldfish_ds import _C
 except ImportError as error:  # pragma: no cover - exercised only on a broken install

@@ -48,26 +48,6 @@ def test_round_trip_rows_are_the_concatenated_documents(tmp_path, vocab, dtype):
     assert starts[0] == 0 and first_shard[starts[1]:starts[1] + 5].tolist() == docs[1][:5]
 
 
-def test_missing_and_corrupt_shards_are_clear_errors(tmp_path):
-    manifest = write_packed_shards(documents(20, 1000), str(tmp_path), 1000, shard_tokens=1000)
-    shard = tmp_path / manifest["shards"][1]["tokens"]
-    data = shard.read_bytes()
-    shard.write_bytes(data[:-2])
-    with pytest.raises(ValueError, match="is corrupt"):
-        PackedTokenDataset(str(tmp_path), 32)
-    shard.write_bytes(bytes([data[0] ^ 1]) + data[1:])
-    PackedTokenDataset(str(tmp_path), 32)  # same size: only the checksum can tell
-    with pytest.raises(ValueError, match="sha256 differs"):
-        PackedTokenDataset(str(tmp_path), 32, verify=True)
-    shard.unlink()
-    with pytest.raises(FileNotFoundError, match="is missing"):
-        PackedTokenDataset(str(tmp_path), 32)
-    with pytest.raises(FileNotFoundError, match="no manifest.json"):
-        PackedTokenDataset(str(tmp_path / "nothing"), 32)
-    with pytest.raises(ValueError, match=r"token ids must be in \[0, 10\)"):
-        write_packed_shards([[1, 2, 10]], str(tmp_path / "bad"), 10)
-
-
 def test_sampler_splits_epochs_across_ranks_and_resumes_exactly():
     rows = {rank: list(itertools.islice(iter(ShardedSampler(103, rank, 4, seed=5)), 25)) for rank in range(4)}
     assert all(len(set(r)) == 25 for r in rows.values())
@@ -81,10 +61,6 @@ def test_sampler_splits_epochs_across_ranks_and_resumes_exactly():
     fresh = list(itertools.islice(iter(ShardedSampler(103, 1, 4, seed=5)), 60))
     assert taken == fresh[:40]
     assert list(itertools.islice(iter(resumed), 20)) == fresh[40:60]
-    with pytest.raises(ValueError, match="seed"):
-        resumed.load_state_dict({"epoch": 0, "position": 0, "seed": 6})
-    with pytest.raises(ValueError, match="dp_rank must be in"):
-        ShardedSampler(10, 4, 4)
 
 
 def test_trained_sentencepiece_tokenizer_round_trips_real_text(tmp_path):
@@ -96,11 +72,6 @@ def test_trained_sentencepiece_tokenizer_round_trips_real_text(tmp_path):
     ids = tok.encode(text)
     assert max(ids) < 2000
     assert tok.decode(ids) == text
-
-
-def test_bad_tokenizer_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match="expected a sentencepiece .model file"):
-        load_tokenizer(str(tmp_path))
 
 
 def test_scripts_train_a_tokenizer_and_pack_a_corpus(tmp_path):
@@ -169,19 +140,6 @@ def test_parquet_and_hf_datasets_give_the_same_documents_as_jsonl(tmp_path, monk
     body = write_parquet(tmp_path / "body.parquet", texts, field="body")
     assert list(read_documents([body], text_field="body")) == expected
 
-    with pytest.raises(ValueError, match=r"is a DatasetDict: name one split .*\['test', 'train'\]"):
-        list(read_documents([str(tmp_path / "dd")]))
-    with pytest.raises(ValueError, match="holds a single Dataset, it has no split 'train'"):
-        list(read_documents([f"{tmp_path / 'ds'}:train"]))
-    with pytest.raises(ValueError, match=r"no 'text' column \(columns: \['id', 'body'\]\)"):
-        list(read_documents([body]))
-    with pytest.raises(ValueError, match="no 'body' column"):
-        list(read_documents([str(tmp_path / "ds")], text_field="body"))
-    with pytest.raises(ValueError, match="not one written by datasets' save_to_disk"):
-        list(read_documents([str(tmp_path)]))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        list(read_documents([f"{tmp_path / 'none'}:train"]))
-
 
 def padded(ids, width):
     return ids[:width] + [PADDING] * (width - len(ids[:width]))
@@ -223,38 +181,6 @@ def test_canary_only_directory(tmp_path):
     assert data.num_packed_rows == 0 and len(data) == 10
     assert [data[i].tolist() for i in range(4)] == [padded(canary_docs[0], 9), canary_docs[1][:9]] * 2
     assert sorted(itertools.islice(iter(ShardedSampler(len(data))), 10)) == list(range(10))
-
-
-def test_canary_seq_len_mismatch_and_bad_canary_files_are_clear_errors(tmp_path):
-    write_packed_shards(documents(10, 500), str(tmp_path), 500,
-                        canary=CanarySet(["x", "y"], [[1, 2, 3], [4] * 40], seq_len=16, repeats=2))
-    with pytest.raises(ValueError, match="canary rows of seq_len 16, not the requested seq_len 32"):
-        PackedTokenDataset(str(tmp_path), 32)
-    rows, texts = tmp_path / "canary_rows.bin", tmp_path / "canary.jsonl"
-    good_rows, good_texts = rows.read_bytes(), texts.read_bytes()
-    rows.write_bytes(good_rows[:-4])
-    with pytest.raises(ValueError, match="canary_rows.bin is corrupt: 132 bytes, the manifest says 136"):
-        PackedTokenDataset(str(tmp_path), 16)
-    rows.write_bytes(bytes([good_rows[0] ^ 1]) + good_rows[1:])
-    PackedTokenDataset(str(tmp_path), 16)  # same size: only the checksum can tell
-    with pytest.raises(ValueError, match="canary_rows.bin is corrupt: its sha256 differs"):
-        PackedTokenDataset(str(tmp_path), 16, verify=True)
-    rows.unlink()
-    with pytest.raises(FileNotFoundError, match="canary_rows.bin listed in the manifest is missing"):
-        PackedTokenDataset(str(tmp_path), 16)
-    rows.write_bytes(good_rows)
-    texts.write_bytes(good_texts.replace(b'"x"', b'"z"'))
-    with pytest.raises(ValueError, match="canary.jsonl is corrupt: its sha256 differs"):
-        PackedTokenDataset(str(tmp_path), 16, verify=True)
-    texts.unlink()
-    with pytest.raises(FileNotFoundError, match="canary.jsonl listed in the manifest is missing"):
-        PackedTokenDataset(str(tmp_path), 16)
-    with pytest.raises(ValueError, match="repeats must be >= 1, got 0"):
-        CanarySet(["x"], [[1]], 16, repeats=0)
-    with pytest.raises(ValueError, match="one text per document"):
-        CanarySet(["x", "y"], [[1]], 16)
-    with pytest.raises(ValueError, match=r"token ids must be in \[0, 10\)"):
-        write_packed_shards([], str(tmp_path / "bad"), 10, canary=CanarySet(["x"], [[1, 10]], 4))
 
 
 def test_prepare_data_cli_mixes_repeated_canaries_into_a_parquet_corpus(tmp_path):

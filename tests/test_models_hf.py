@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from distributed import run_distributed
 from goldfish_ds.models import HFCheckpoint, llama_from_hf, read_hf_state_dict, save_hf_llama
@@ -93,29 +93,3 @@ def test_shard_plan_and_sizes():
     sizes = {"a": 4, "b": 4, "c": 10, "d": 1, "e": 3}
     assert plan_shards(sizes, 8) == [["a", "b"], ["c"], ["d", "e"]]  # the 10-byte tensor gets its own shard
     assert plan_shards(sizes, 100) == [list(sizes)]
-
-
-def test_bad_checkpoints_are_clear_errors(tmp_path):
-    path = hf_checkpoint(tmp_path / "hf", tied=False)
-    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
-        HFCheckpoint(str(tmp_path))
-    # a missing tensor
-    tensors = load_file(path / "model.safetensors")
-    del tensors["model.layers.1.mlp.up_proj.weight"]
-    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match="has no tensor 'model.layers.1.mlp.up_proj.weight'"):
-        llama_from_hf(str(path))
-    # a tensor of the wrong shape
-    config = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**config, "intermediate_size": 64}))
-    with pytest.raises(ValueError, match=r"model.layers.0.mlp.gate_proj.weight has shape \(96, 64\), this model "
-                                         r"expects \(64, 64\)"):
-        llama_from_hf(str(path))
-    # a shard named in the index but absent
-    sharded = tmp_path / "sharded"
-    transformers.LlamaForCausalLM.from_pretrained(hf_checkpoint(tmp_path / "ok", tied=False)).save_pretrained(
-        sharded, max_shard_size="20KB")
-    (sharded / "model-00002-of-" f"{len(list(sharded.glob('model-*'))):05d}.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="model-00002-of-.*, named in model.safetensors.index.json, is "
-                                                "missing"):
-        HFCheckpoint(str(sharded))

@@ -244,25 +244,6 @@ def test_hf_config_field_is_implemented_ignored_or_refused(tmp_path, key, value,
         torch.testing.assert_close(ours(IDS), hf(IDS).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_config_refuses_unsupported_features():
-    small = dict(vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2)
-    with pytest.raises(ValueError, match=r"rope_scaling .*rope_type 'yarn' is not supported "
-                                         r"\(allowed: default, linear, llama3\)"):
-        LlamaConfig.from_dict({**small, "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
-                                                          "original_max_position_embeddings": 8}})
-    with pytest.raises(ValueError, match="rope_type 'llama3' needs low_freq_factor"):
-        LlamaConfig.from_dict({**small, "rope_parameters": {"rope_type": "llama3", "factor": 8.0}})
-    with pytest.raises(ValueError, match=r"rope_theta 500.0 and rope_parameters\['rope_theta'\] 10000.0 disagree"):
-        LlamaConfig.from_dict({**small, "rope_theta": 500.0, "rope_parameters": {"rope_type": "default",
-                                                                               "rope_theta": 10000.0}})
-    with pytest.raises(ValueError, match="rope_parameters .* and rope_scaling .* disagree"):
-        LlamaConfig.from_dict({**small, "rope_parameters": {"rope_type": "linear", "factor": 2.0},
-                               "rope_scaling": {"rope_type": "linear", "factor": 4.0}})
-    with pytest.raises(ValueError, match="must be divisible by num_attention_heads"):
-        LlamaConfig(vocab_size=10, hidden_size=9, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
-                    num_key_value_heads=2)
-
-
 def test_activation_checkpointing_gives_the_same_gradients(tmp_path):
     path = hf_checkpoint(tmp_path, tied=False)
     ids = torch.randint(0, 301, (2, 16), generator=torch.Generator().manual_seed(2))

@@ -94,25 +94,6 @@ def test_tensor_parallel_model_matches_plain_torch(world, vocab):
     run_distributed(body_model, world, vocab)
 
 
-def body_bad_sizes(rank, world):
-    initialize_model_parallel(world)
-    try:
-        with pytest.raises(ValueError, match=r"out_features \(5\) must be divisible by the tensor-parallel size \(2\)"):
-            ColumnParallelLinear(4, 5)
-        with pytest.raises(ValueError, match=r"in_features \(7\) must be divisible"):
-            RowParallelLinear(7, 4)
-        with pytest.raises(ValueError, match=r"ids must be in \[0, 10\)"):
-            VocabParallelEmbedding(10, 4)(torch.tensor([[3, 10]]))
-    finally:
-        destroy_model_parallel()
-    with pytest.raises(ValueError, match="tensor_parallel_size must be a positive divisor of the world size 2"):
-        initialize_model_parallel(3)
-
-
-def test_bad_sizes_raise_clear_errors():
-    run_distributed(body_bad_sizes, 2)
-
-
 def body_data_parallel_groups(rank, world):
     initialize_model_parallel(2)
     try:

@@ -72,17 +72,23 @@ def launch_env(nproc: int, env: dict | None = None) -> dict:
                 OMP_NUM_THREADS="1" if nproc > 1 else "2", **(env or {}))
 
 
+def launch_command(kind: str, nproc: int) -> list:
+    """The command line that starts scripts/pretrain.py on nproc ranks under a launcher (before its options)."""
+    if kind == "python":
+        return [sys.executable, PRETRAIN]
+    if kind == "deepspeed":
+        return [launcher("deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()), PRETRAIN]
+    if kind == "mpirun":
+        return [launcher("mpirun"), "-np", str(nproc), "--map-by", "slot:OVERSUBSCRIBE", sys.executable, PRETRAIN]
+    if kind == "torchrun":
+        return [launcher("torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()), PRETRAIN]
+    raise ValueError(f"launcher kind must be python, deepspeed, mpirun or torchrun, got {kind!r}")
+
+
 def launch(kind: str, nproc: int, args: list, expect_ok: bool = True, env: dict | None = None):
     """Run scripts/pretrain.py under a launcher; returns the CompletedProcess."""
-    if kind == "python":
-        command = [sys.executable, PRETRAIN]
-    elif kind == "deepspeed":
-        command = [launcher("deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()), PRETRAIN]
-    elif kind == "mpirun":
-        command = [launcher("mpirun"), "-np", str(nproc), "--map-by", "slot:OVERSUBSCRIBE", sys.executable, PRETRAIN]
-    elif kind == "torchrun":
-        command = [launcher("torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()), PRETRAIN]
-    result = subprocess.run(command + args, env=launch_env(nproc, env), capture_output=True, text=True, timeout=900)
+    result = subprocess.run(launch_command(kind, nproc) + args, env=launch_env(nproc, env), capture_output=True,
+                            text=True, timeout=900)
     if expect_ok:
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return result
@@ -108,15 +114,9 @@ def test_warmup_cosine_schedule():
     assert warmup_cosine_lr(110, **kw) == pytest.approx(4e-5) and warmup_cosine_lr(500, **kw) == 4e-5
 
 
-def test_deepspeed_config_checks(tmp_path):
+def test_deepspeed_config_fills_the_train_batch_size(tmp_path):
     config = load_deepspeed_config(ds_config(tmp_path / "a.json", 4, 2), data_parallel_size=3, model=TINY)
-    assert config["train_batch_size"] == 24
-    with pytest.raises(ValueError, match="train_batch_size 16 != .* data-parallel size 3"):
-        load_deepspeed_config(ds_config(tmp_path / "b.json", 4, 2, train_batch_size=16), 3, TINY)
-    with pytest.raises(ValueError, match="remove the 'optimizer' section"):
-        load_deepspeed_config(ds_config(tmp_path / "c.json", 4, 1, optimizer={"type": "Adam"}), 1, TINY)
-    with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu must be a positive integer"):
-        load_deepspeed_config(ds_config(tmp_path / "d.json", 0, 1), 1, TINY)
+    assert config["train_batch_size"] == 24  # its refusals: tests/test_bad_input.py
 
 
 @pytest.mark.parametrize("name", ["zero3_cpu", "zero3_gpu_bf16"])
@@ -133,18 +133,6 @@ def test_shipped_deepspeed_configs_size_buffers_to_the_model(name):
                 zero["stage3_param_persistence_threshold"]) == (h * h, int(0.9 * h * h), 10 * h)
         assert (zero["stage3_max_live_parameters"], zero["stage3_max_reuse_distance"], zero["sub_group_size"]) \
             == (layer, layer, layer)
-
-
-@pytest.mark.parametrize("section, key", [(None, "train_micro_batch_size_per_gpu"), ("zero_optimization", "stage"),
-                                          ("bf16", "enabled")])
-def test_deepspeed_config_refuses_auto_elsewhere(tmp_path, section, key):
-    config = json.loads((REPO / "configs" / "deepspeed" / "zero3_cpu.json").read_text())
-    (config[section] if section else config)[key] = "auto"
-    (tmp_path / "ds.json").write_text(json.dumps(config))
-    where = f"{section}.{key}" if section else key
-    with pytest.raises(ValueError, match=rf'{where} is "auto"; only these zero_optimization sizes may be "auto": '
-                                         r'reduce_bucket_size, allgather_bucket_size, stage3_prefetch_bucket_size'):
-        load_deepspeed_config(str(tmp_path / "ds.json"), 1, TINY)
 
 
 # ---- end to end ---------------------------------------------------------------------------------------
@@ -330,49 +318,6 @@ def test_default_job_runs_at_any_world_size(tmp_path, kind, nproc, config, rows_
     args = ["--out_dir", str(tmp_path / "run"), "--max_steps", "2", "--no-progress", "--no-export_hf"]
     launch(kind, nproc, args + (["--deepspeed_config", str(REPO / "configs" / "deepspeed" / config)] if config else []))
     check_default_job(tmp_path / "run", rows_per_step)
-
-
-BAD_INPUTS = {
-    "goldfish k of 1": (["--goldfish_k", "1"], "k must be an integer >= 2"),
-    "missing shard": ("missing", "is missing"),
-    "corrupt shard": ("truncated", "is corrupt"),
-    "tokenizer larger than the model": (["--model_config", "small-vocab"], "more than the model's vocab_size"),
-    "batch sizes vs world size": ("batch", "train_batch_size 64 != "),
-    "fewer rows than one global batch": ("global batch", "fewer than one global batch of 4096"),
-    "empty validation data": ("empty val", "has no row of --seq_len + 1 = 65 tokens"),
-}
-
-
-@pytest.mark.parametrize("case", BAD_INPUTS)
-def test_bad_input_is_a_clear_error_before_training(corpus, tmp_path, case):
-    change, message = BAD_INPUTS[case]
-    data = tmp_path / "train"
-    shutil.copytree(corpus / "train", data)
-    config = ds_config(tmp_path / "ds.json", 2, 1)
-    extra = []
-    if change == "missing":
-        (data / "tokens_00000.bin").unlink()
-    elif change == "truncated":
-        shard = data / "tokens_00000.bin"
-        shard.write_bytes(shard.read_bytes()[:-10])
-    elif change == "batch":
-        config = ds_config(tmp_path / "ds.json", 2, 1, train_batch_size=64)
-    elif change == "global batch":
-        config = ds_config(tmp_path / "ds.json", 64, 64)
-    elif change == "empty val":
-        write_packed_shards([[1, 5, 6, 2]], str(tmp_path / "val"), 2048)  # 4 tokens: no row of 65
-        extra = ["--val_data", str(tmp_path / "val")]
-    elif change[1] == "small-vocab":
-        small = json.loads((corpus / "model.json").read_text())
-        (tmp_path / "small.json").write_text(json.dumps({**small, "vocab_size": 1024}))
-        extra = ["--model_config", str(tmp_path / "small.json")]
-    else:
-        extra = change
-    args = train_args(corpus, tmp_path / "out", config) + extra
-    args[args.index("--data") + 1] = str(data)
-    result = launch("python", 1, args, expect_ok=False)
-    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
-    assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
 @pytest.mark.parametrize("name, world", [("tiny_cpu", 1), ("tinyllama-1.1b_8gpu", 8), ("llama-2-7b_2x8gpu", 16)])

@@ -8,6 +8,7 @@
 Several hosts: the README's Multi-node section (hostfile, --master_addr, --network_interface, --dist_timeout).
 Every option is listed by --help; `--config run.json` supplies them from a file (see configs/train/).
 Bad inputs (data, tokenizer, DeepSpeed config, goldfish options) stop the job before training starts.
+Exit status 75: SIGTERM/SIGUSR1 or --exit_after_minutes stopped it after a checkpoint; continue with --resume.
 """
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ from typing import List, Optional
 import torch.distributed as dist
 
 from goldfish_ds.training import Job, parse_args
+from goldfish_ds.training.anomalies import TooManySkippedSteps
+from goldfish_ds.training.checkpoint import CheckpointError
+from goldfish_ds.training.preemption import PREEMPTED_EXIT_STATUS
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -29,6 +33,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         sys.exit(f"pretrain.py: error: {e}")
     try:
         summary = job.train()
+    except (TooManySkippedSteps, CheckpointError, ValueError, FileNotFoundError) as e:
+        # raised on every rank: a run of skipped steps, a save that failed on some rank, a damaged checkpoint or
+        # one that does not fit this run (--resume's checks)
+        sys.exit(f"pretrain.py: error: {e}")
     except RuntimeError as e:  # gloo and NCCL report a failed collective as a RuntimeError
         if dist.get_world_size() == 1:
             raise
@@ -41,6 +49,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     if dist.get_rank() == 0:
         print(json.dumps(summary, indent=1))
     dist.destroy_process_group()
+    if summary["stopped"]:
+        sys.exit(PREEMPTED_EXIT_STATUS)  # stopped early by a signal or --exit_after_minutes, after a checkpoint
 
 
 if __name__ == "__main__":

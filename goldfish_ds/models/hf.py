@@ -40,6 +40,8 @@ class HFCheckpoint:
 
     Looks, in HF's order, for model.safetensors.index.json, model.safetensors, pytorch_model.bin.index.json,
     pytorch_model.bin. Every read opens the file and closes it again, so no mapping of it outlives the read.
+    A missing file is a FileNotFoundError, an unreadable one (corrupt, truncated, not a checkpoint) a ValueError;
+    both name the file.
     """
 
     def __init__(self, directory: str) -> None:
@@ -49,13 +51,14 @@ class HFCheckpoint:
         for index, single in ((SAFETENSORS_INDEX, "model.safetensors"),
                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
             if (root / index).is_file():
-                weight_map = json.loads((root / index).read_text())["weight_map"]
-                self.files = {name: root / file for name, file in weight_map.items()}
+                self.source = index
+                self.files = {name: root / file for name, file in self._weight_map(root / index).items()}
                 for file in sorted(set(self.files.values())):
                     if not file.is_file():
                         raise FileNotFoundError(f"HF checkpoint {directory}: {file.name}, named in {index}, is missing")
                 break
             if (root / single).is_file():
+                self.source = single
                 self.files = {name: root / single for name in self._names(root / single)}
                 break
         else:
@@ -63,13 +66,32 @@ class HFCheckpoint:
                                     f"pytorch_model.bin or pytorch_model.bin.index.json")
 
     @staticmethod
+    def _weight_map(index: Path) -> Dict[str, str]:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"HF checkpoint {index.parent}: {index.name} is not an index of shards (a JSON object "
+                             f"with a \"weight_map\" of tensor names to files): {type(e).__name__}: {e}") from None
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"HF checkpoint {index.parent}: {index.name}: \"weight_map\" must map tensor names to "
+                             f"files, got {type(weight_map).__name__}")
+        return weight_map
+
+    @staticmethod
     def _open(file: Path):
         """safetensors: a safe_open handle; .bin: the memory-mapped state dict (tensors read on access)."""
-        if file.suffix == ".safetensors":
-            from safetensors import safe_open
+        try:
+            if file.suffix == ".safetensors":
+                from safetensors import safe_open
 
-            return safe_open(str(file), framework="pt")
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                return safe_open(str(file), framework="pt")
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # safetensors' SafetensorError, torch.load's RuntimeError / UnpicklingError, OSError
+            kind = "safetensors" if file.suffix == ".safetensors" else "torch.save (zip format)"
+            raise ValueError(f"HF checkpoint {file.parent}: {file.name} cannot be read as a {kind} file "
+                             f"(corrupt or truncated?): {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
     @classmethod
     def _names(cls, file: Path) -> List[str]:
@@ -80,7 +102,7 @@ class HFCheckpoint:
 
     def _file(self, name: str) -> Path:
         if name not in self.files:
-            raise ValueError(f"HF checkpoint {self.directory}: it has no tensor {name!r}")
+            raise ValueError(f"HF checkpoint {self.directory}: {self.source} has no tensor {name!r}")
         return self.files[name]
 
     def names(self) -> List[str]:
@@ -156,8 +178,8 @@ def read_tensor_parallel_rows(model: Llama, checkpoint: HFCheckpoint, entry: HFP
     rank, tp = group_rank_and_size(model.embed_tokens.group)
     found = checkpoint.shape(entry.key)
     if found != entry.shape:
-        raise ValueError(f"HF checkpoint {checkpoint.directory}: {entry.key} has shape {found}, this model expects "
-                         f"{entry.shape} (from its config.json)")
+        raise ValueError(f"HF checkpoint {checkpoint.directory}: {entry.key} in {checkpoint.files[entry.key].name} "
+                         f"has shape {found}, this model expects {entry.shape} (from its config.json)")
     local = tensor_parallel_shape(model, entry)
     if entry.layout == "columns":
         return checkpoint.read(entry.key, slice(start, stop), slice(rank * local[1], (rank + 1) * local[1]))

@@ -11,7 +11,7 @@ single-process model.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -76,9 +76,15 @@ class LlamaConfig:
         that do not change LlamaForCausalLM's logits (token ids, use_cache, pretraining_tp, dtype, architectures,
         ...) are ignored.
         """
+        if not isinstance(values, dict):
+            raise ValueError(f"LlamaConfig: a config must be a JSON object, got {type(values).__name__}")
         for key, supported in _ONLY_VALUE.items():
             if values.get(key) not in (None, supported):
                 raise ValueError(f"LlamaConfig: {key} {values[key]!r} is not supported (only {supported!r})")
+        required = [f.name for f in fields(cls) if f.default is MISSING]
+        missing = [name for name in required if values.get(name) is None]
+        if missing:
+            raise ValueError(f"LlamaConfig: {', '.join(missing)} missing (a Llama config needs {', '.join(required)})")
         names = {f.name for f in fields(cls)} - {"rope_parameters"}
         kwargs = {k: v for k, v in values.items() if k in names and v is not None}
         max_positions = kwargs.get("max_position_embeddings", cls.max_position_embeddings)
@@ -86,7 +92,13 @@ class LlamaConfig:
 
     @classmethod
     def from_json(cls, path: str) -> "LlamaConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """From a JSON file (see from_dict); errors name the file."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"model config {path} does not exist")
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except ValueError as e:  # json's JSONDecodeError is one too
+            raise ValueError(f"model config {path}: {e}") from None
 
     def to_hf_dict(self) -> dict:
         """config.json for HF transformers, with the RoPE in both generations' keys.

@@ -75,12 +75,15 @@ def vocab_parallel_goldfish_cross_entropy(
     in_place: bool = True,
     return_stats: bool = False,
     check_labels_match: bool = False,
+    vocab_size: Optional[int] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, GoldfishStats]]:
     """goldfish_cross_entropy for logits split over the vocabulary across the ranks of `group`.
 
     local_logits: [B, T, V/tp] (or [N, V/tp]): rank r holds vocabulary columns [r V/tp, (r+1) V/tp).
     Columns that pad the vocabulary to a multiple of tp must hold -inf (they then never win the softmax).
     labels: [B, T] (or [N]) int64, the same on every rank, in [0, V) or cfg.ignore_index.
+    vocab_size: the real vocabulary V (default: V/tp x tp, no padding); a label in [V, V/tp x tp), a
+    padding column, is refused like any other label outside the vocabulary (it would meet a -inf logit).
     group: the tensor-parallel group (default: the one from initialize_model_parallel; without one, a
     single shard holding the whole vocabulary, with no communication).
     check_labels_match: debug mode: one more all-reduce (of 2 integers) verifies that every rank holds the
@@ -100,12 +103,17 @@ def vocab_parallel_goldfish_cross_entropy(
     flat_labels = labels.reshape(-1).contiguous()
     if check_labels_match and group is not None:
         _check_labels_match(flat_labels, group)
+    padded = shard * world
+    vocab = padded if vocab_size is None else vocab_size
+    if not (isinstance(vocab, int) and padded - shard < vocab <= padded):
+        raise ValueError(f"vocab_parallel_goldfish_cross_entropy: vocab_size must be an int in "
+                         f"({padded - shard}, {padded}] ({world} shards of {shard} logits), got {vocab_size!r}")
     valid = flat_labels.ne(ignore_index)
-    bad = valid & ((flat_labels < 0) | (flat_labels >= shard * world))
-    if bad.any():
-        raise ValueError(f"vocab_parallel_goldfish_cross_entropy: labels must be in [0, {shard * world}) "
-                         f"({world} shards of {shard}) or ignore_index={ignore_index}; "
-                         f"found {flat_labels[bad][0].item()}")
+    bad = valid & ((flat_labels < 0) | (flat_labels >= vocab))
+    if bad.any():  # the one host sync of the checks
+        padding = f", padded to {padded} for {world} shards of {shard}" if vocab < padded else ""
+        raise ValueError(f"vocab_parallel_goldfish_cross_entropy: labels must be in [0, {vocab}) (vocab_size "
+                         f"{vocab}{padding}) or ignore_index={ignore_index}; found {flat_labels[bad][0].item()}")
     dropped = goldfish_mask(labels, cfg, step).reshape(-1) if cfg is not None else torch.zeros_like(valid)
     kept = valid & ~dropped
     start = rank * shard

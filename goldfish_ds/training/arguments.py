@@ -8,16 +8,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+from importlib.util import find_spec
 from pathlib import Path
 
 from goldfish_ds.config import STRATEGIES, WINDOWS, GoldfishConfig
 from goldfish_ds.models.hf import DEFAULT_MAX_SHARD_SIZE, parse_size
+from goldfish_ds.table import load_table
+from goldfish_ds.training.flops import FORMULA, PEAK_TFLOPS
+from goldfish_ds.training.preemption import PREEMPTED_EXIT_STATUS
 
 # The shipped configs are package data (the repository's configs/ is a link to this directory).
 PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_MODEL_CONFIG = str(PACKAGE_CONFIGS / "models" / "tiny.json")
 DEFAULT_CPU_DEEPSPEED_CONFIG = str(PACKAGE_CONFIGS / "deepspeed" / "zero3_cpu.json")
 DEFAULT_GPU_DEEPSPEED_CONFIG = str(PACKAGE_CONFIGS / "deepspeed" / "zero3_gpu_bf16.json")
+WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")  # wandb's own values of WANDB_MODE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "tensor parallelism. Launch with `deepspeed`, `torchrun`, `mpirun` or plain `python`. With no "
                     "data arguments it trains the tiny model on Python's bundled documentation (pydoc_data.topics) "
                     "with a tokenizer trained on the spot.",
+        epilog=f"Exit status: 0 when --max_steps were trained; {PREEMPTED_EXIT_STATUS} when SIGTERM or SIGUSR1 (to any "
+               "rank or a launcher that forwards it) or --exit_after_minutes stopped the job after a checkpoint of "
+               "its last step (run it again with --resume); anything else is an error.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", help="JSON file of option values (keys = option names without dashes); the "
                                     "command line overrides it")
@@ -37,8 +46,29 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out_dir", default="runs/default", help="checkpoints/, metrics.jsonl, tensorboard/, hf/")
     run.add_argument("--max_steps", type=int, default=300, help="optimizer steps to train for (in total, "
                                                                  "counting the steps before a resume)")
-    run.add_argument("--resume", action="store_true", help="continue exactly from the latest complete checkpoint "
-                                                           "in out_dir/checkpoints")
+    run.add_argument("--resume", action="store_true",
+                     help="continue exactly from the newest valid checkpoint in out_dir/checkpoints (every file of "
+                          "its manifest present with its size; a damaged one is skipped with a message)")
+    run.add_argument("--resume_from", default=None, metavar="TAG",
+                     help="continue exactly from this checkpoint, e.g. step_00000100 (implies --resume)")
+    run.add_argument("--verify_checkpoint", action="store_true",
+                     help="with --resume or --resume_from: check the sha256 of every checkpoint file against its "
+                          "manifest too (reads the whole checkpoint, split between the ranks)")
+    run.add_argument("--reshard", action="store_true",
+                     help="with --resume: continue a ZeRO-3 checkpoint at another data-parallel size (the same "
+                          "--tensor_parallel, --seq_len and global batch: micro-batch x accumulation x data-parallel "
+                          "size), converting its weights and optimizer state on loading")
+    faults = p.add_argument_group("preemption and bad steps (see the README's Preemption and faults section)")
+    faults.add_argument("--exit_after_minutes", type=float, default=None,
+                        help="stop after this many minutes of wall-clock time (rank 0's clock, from the start of "
+                             "set-up) as on SIGTERM/SIGUSR1: finish the step, write a checkpoint, exit with status "
+                             f"{PREEMPTED_EXIT_STATUS}")
+    faults.add_argument("--max_skipped_steps", type=int, default=3,
+                        help="stop with an error when this many optimizer steps in a row were skipped for a "
+                             "non-finite loss or gradient norm")
+    faults.add_argument("--spike_factor", type=float, default=2.0,
+                        help="log a 'spike' record when a step's loss exceeds this factor times its running mean "
+                             "(an EMA with decay 0.9) after --warmup_steps applied steps; 0: never")
     run.add_argument("--seed", type=int, default=1234, help="model initialisation seed")
     run.add_argument("--data_seed", type=int, default=0, help="seed of the per-epoch row order")
     run.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the deepspeed launcher
@@ -116,6 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
                           "in one is written as model.safetensors, a larger one as shards with an index")
     log.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                      help="progress bar on rank 0")
+    log.add_argument("--wandb_project", default=None,
+                     help="also log to Weights & Biases, in this project (rank 0; the run's files under "
+                          "out_dir/wandb). WANDB_MODE=offline logs without a network (`wandb sync` uploads later); "
+                          "needs the wandb package")
+    log.add_argument("--wandb_run_name", default=None, help="W&B run name (default: the name of --out_dir)")
+    log.add_argument("--peak_tflops", type=float, default=None,
+                     help="peak TFLOP/s of one device, for the model FLOPs utilisation (mfu) logged per step beside "
+                          f"model_flops and tflops_per_s; {FORMULA}. Default: the bf16/fp16 dense peak of a listed "
+                          f"GPU ({', '.join(f'{k} {v:g}' for k, v in PEAK_TFLOPS.items())}) when training in "
+                          "bf16/fp16, else none and mfu is not logged (CPUs, fp32)")
     return p
 
 
@@ -132,21 +172,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.set_defaults(**values)
         args = parser.parse_args(argv)
     for name in ("max_steps", "seq_len", "tensor_parallel", "log_interval", "eval_rows", "save_interval",
-                 "keep_checkpoints"):
+                 "keep_checkpoints", "max_skipped_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     for name in ("warmup_steps", "eval_interval"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.reshard and not (args.resume or args.resume_from):
+        raise ValueError("--reshard converts the checkpoint that --resume loads: give --resume too")
+    if args.verify_checkpoint and not (args.resume or args.resume_from):
+        raise ValueError("--verify_checkpoint checks the checkpoint a run resumes from: give --resume or "
+                         "--resume_from TAG too")
     if not args.dist_timeout > 0:
         raise ValueError(f"--dist_timeout must be > 0 seconds, got {args.dist_timeout}")
+    if args.exit_after_minutes is not None and not args.exit_after_minutes > 0:
+        raise ValueError(f"--exit_after_minutes must be > 0 minutes, got {args.exit_after_minutes}")
+    if not (args.spike_factor == 0 or args.spike_factor > 1):
+        raise ValueError(f"--spike_factor must be 0 (off) or > 1, got {args.spike_factor}")
     if not args.lr > 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
     if not 0 <= args.min_lr <= args.lr:
         raise ValueError(f"--min_lr must be in [0, --lr={args.lr}], got {args.min_lr}")
     parse_size(args.hf_max_shard_size, "--hf_max_shard_size")
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        raise ValueError(f"--peak_tflops must be > 0 (TFLOP/s of one device), got {args.peak_tflops}")
+    if args.wandb_project is not None:
+        if find_spec("wandb") is None:
+            raise ValueError("--wandb_project needs the wandb package: pip install wandb")
+        mode = os.environ.get("WANDB_MODE")
+        if mode is not None and mode not in WANDB_MODES:
+            raise ValueError(f"--wandb_project: WANDB_MODE must be one of {list(WANDB_MODES)}, got {mode!r}")
+    elif args.wandb_run_name is not None:
+        raise ValueError("--wandb_run_name names a W&B run: give --wandb_project too")
     if args.goldfish:
         goldfish_config(args, special_ids=())  # k, h, window... checked before anything starts
+        if args.goldfish_table_path:
+            load_table(args.goldfish_table_path)  # read at the first step otherwise, after the model is built
     return args
 
 

@@ -1,16 +1,19 @@
-"""Where training metrics go (rank 0): out_dir/metrics.jsonl, a console progress bar, and TensorBoard when
-the `tensorboard` package is installed; and every rank's peak host memory per phase, in out_dir/memory.jsonl.
+"""Where training metrics go (rank 0): out_dir/metrics.jsonl, a console progress bar, TensorBoard when the
+`tensorboard` package is installed, and Weights & Biases when a project is given (`wandb`, its run under
+out_dir/wandb; WANDB_MODE=offline works without a network); and every rank's peak host memory per phase, in
+out_dir/memory.jsonl.
 
 Each metrics.jsonl record has "kind" ("train" or "val") and "step". On resume the records after the resumed
-step are dropped first, so the file always describes one uninterrupted run. memory.jsonl gets one record per
-rank and phase each time a process runs the phase (HostMemoryPhases): the resident set size when the phase began
-and its peak during the phase (Linux only).
+step are dropped first, so the file always describes one uninterrupted run (so is a last line torn by a crash
+mid-write, with a warning). memory.jsonl gets one record per rank and phase each time a process runs the phase
+(HostMemoryPhases): the resident set size when the phase began and its peak during the phase (Linux only).
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -85,11 +88,22 @@ class HostMemoryPhases:
                 f.writelines(json.dumps(r) + "\n" for r in records)
 
 
+def _scalars(record: dict) -> dict:
+    """The record's numbers as "kind/key" scalars (TensorBoard tags, W&B keys); None values are left out."""
+    return {f"{record['kind']}/{key}": value for key, value in record.items()
+            if key not in ("kind", "step") and isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
 class MetricsLogger:
-    def __init__(self, out_dir: str, *, enabled: bool, start_step: int, max_steps: int, progress: bool) -> None:
+    """Rank 0's records to metrics.jsonl, TensorBoard and W&B (wandb_project: its project; wandb_run_name
+    defaults to out_dir's name; wandb_config: the run's settings shown in W&B). Other ranks pass enabled=False."""
+
+    def __init__(self, out_dir: str, *, enabled: bool, start_step: int, max_steps: int, progress: bool,
+                 wandb_project: str | None = None, wandb_run_name: str | None = None,
+                 wandb_config: dict | None = None) -> None:
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
-        self._file = self._bar = self._tb = self.tensorboard_dir = None
+        self._file = self._bar = self._tb = self.tensorboard_dir = self._wandb = self.wandb_dir = None
         if not enabled:
             return
         self._truncate_after(start_step)
@@ -103,14 +117,35 @@ class MetricsLogger:
         else:
             self.tensorboard_dir = str(Path(out_dir) / "tensorboard")
             self._tb = SummaryWriter(self.tensorboard_dir, purge_step=start_step + 1)
+        if wandb_project is not None:
+            import wandb  # optional: arguments.parse_args checks that it is installed
+
+            self._wandb = wandb.init(project=wandb_project, name=wandb_run_name or Path(out_dir).resolve().name,
+                                     dir=out_dir, config=wandb_config)
+            if not self._wandb.disabled:
+                self.wandb_dir = self._wandb.settings.sync_dir
 
     def _truncate_after(self, step: int) -> None:
+        """Keep the records up to `step`. A last line that is not JSON (a crash mid-write tore it) is dropped
+        with a warning on stderr; one elsewhere is an error naming the line."""
         if not self.path.is_file():
             return
-        lines = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                 if line.strip() and json.loads(line)["step"] <= step]
+        lines = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        kept = []
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                if number < len(lines):
+                    raise ValueError(f"{self.path}: record {number} of {len(lines)} is not JSON ({e}): "
+                                     f"{line[:80]!r}") from None
+                print(f"{self.path}: dropped its last line, cut short by an interrupted write: {line[:80]!r}",
+                      file=sys.stderr, flush=True)
+                continue
+            if record["step"] <= step:
+                kept.append(line)
         tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         os.replace(tmp, self.path)
 
     def log(self, record: dict) -> None:
@@ -119,15 +154,20 @@ class MetricsLogger:
             return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        scalars = _scalars(record)
         if self._tb is not None:
-            for key, value in record.items():
-                if key not in ("kind", "step") and isinstance(value, (int, float)):
-                    self._tb.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+            for tag, value in scalars.items():
+                self._tb.add_scalar(tag, value, record["step"])
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=record["step"])
         if record["kind"] == "train":
             self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                   tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
-        else:
+        elif record["kind"] == "val":
             self._bar.write(f"step {record['step']}: validation loss {record['val_loss']:.4f}")
+        else:  # a skipped step, a loss spike
+            self._bar.write(f"step {record['step']}: {record['kind']} " + json.dumps(
+                {k: v for k, v in record.items() if k not in ("kind", "step", "rows")}))
 
     def advance(self, steps: int = 1) -> None:
         if self.enabled:
@@ -145,6 +185,8 @@ class MetricsLogger:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
 
     def last_record(self, kind: str) -> dict | None:
         """The newest record of a kind in the file (for the end-of-run summary)."""

@@ -4,7 +4,9 @@
 whichever launcher started the ranks, build the TP/DP groups, check every input (model config, DeepSpeed
 config with its "auto" sizes fitted to the model, data, tokenizer, goldfish options) before any model is
 built, build the model under `deepspeed.zero.Init`, wrap it in a DeepSpeed engine with AdamW and the
-warmup-cosine schedule, resume if asked, then train, log, validate, checkpoint and export.
+warmup-cosine schedule, resume if asked, then train, log, validate, checkpoint and export. A stop signal or
+the --exit_after_minutes budget ends training early with a checkpoint (preemption.py); a step with a
+non-finite loss or gradient norm is skipped and logged (anomalies.py).
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ from goldfish_ds.parallel import (
     vocab_parallel_goldfish_cross_entropy,
 )
 from goldfish_ds.parallel.layers import uninitialised_weights
+from goldfish_ds.training.anomalies import LossSpikeDetector, SkippedSteps
 from goldfish_ds.training.arguments import (
     DEFAULT_CPU_DEEPSPEED_CONFIG,
     DEFAULT_GPU_DEEPSPEED_CONFIG,
@@ -50,10 +53,12 @@ from goldfish_ds.training.builtin_corpus import prepare_builtin_corpus
 from goldfish_ds.training.checkpoint import CheckpointManager, check_shared_directory
 from goldfish_ds.training.deepspeed_config import load_deepspeed_config
 from goldfish_ds.training.export import export_hf
-from goldfish_ds.training.faults import maybe_crash
+from goldfish_ds.training.faults import maybe_crash, maybe_hold, maybe_poison_loss
+from goldfish_ds.training.flops import device_peak_tflops, step_throughput, training_flops_per_token
 from goldfish_ds.training.metrics import HostMemoryPhases, MetricsLogger
 from goldfish_ds.training.optim import adamw, lr_scheduler
 from goldfish_ds.training.partitions import load_hf_into_partitions
+from goldfish_ds.training.preemption import StopRequests
 
 ARGS_FILE = "args.json"
 
@@ -96,6 +101,7 @@ class Job:
         initialize_model_parallel(args.tensor_parallel, timeout_s=args.dist_timeout)
         self.rank, self.dp_rank, self.dp_size = dist.get_rank(), data_parallel_rank(), data_parallel_world_size()
         self.device = torch.device(f"cuda:{self.launch.local_rank}" if torch.cuda.is_available() else "cpu")
+        self.stop_requests = StopRequests(args.exit_after_minutes, self.device)  # the budget counts from here
         self.out_dir = Path(args.out_dir)
         check_shared_directory(self.out_dir)  # before rank 0 writes anything there for the others
 
@@ -130,10 +136,14 @@ class Job:
         self.sampler = ShardedSampler(len(self.train_set), self.dp_rank, self.dp_size, seed=args.data_seed,
                                       micro_batch_size=self.micro_batch, accumulation_steps=self.accumulation)
         self.memory = HostMemoryPhases(str(self.out_dir))
+        self.flops_per_token = training_flops_per_token(self.model_cfg, args.seq_len)
+        self.peak_tflops = device_peak_tflops(args.peak_tflops, self.device, self.dtype)
         self.engine = self._build_engine(deepspeed)
         self.checkpoints = CheckpointManager(str(self.out_dir / "checkpoints"), keep=args.keep_checkpoints)
         self.step = 0
         self.input_tokens = self.supervised_tokens = 0
+        self.skipped = SkippedSteps(args.max_skipped_steps)
+        self.spikes = LossSpikeDetector(args.spike_factor, warmup_steps=args.warmup_steps)
 
     # ---- set-up -------------------------------------------------------------------------------------
     def _resolve_data(self) -> tuple[str, str | None, str | None]:
@@ -187,27 +197,31 @@ class Job:
         return {"step": self.step, "sampler": self.sampler.state_dict(), "input_tokens": self.input_tokens,
                 "supervised_tokens": self.supervised_tokens,
                 "goldfish": asdict(self.goldfish) if self.goldfish else None, "model": asdict(self.model_cfg),
-                "layout": self.layout(), "data_rows": len(self.train_set)}
+                "layout": self.layout(), "data_rows": len(self.train_set),
+                "skipped_steps": self.skipped.state_dict(), "loss_mean": self.spikes.state_dict()}
 
     def layout(self) -> dict:
         return {"world_size": dist.get_world_size(), "tensor_parallel": self.args.tensor_parallel,
                 "micro_batch": self.micro_batch, "accumulation": self.accumulation, "seq_len": self.args.seq_len}
 
     def resume(self) -> None:
-        tag = self.checkpoints.latest_tag()
-        if tag is None:
-            raise FileNotFoundError(f"--resume: no complete checkpoint in {self.checkpoints.root}")
+        tag = self.checkpoints.resume_tag(self.args.resume_from, verify_hashes=self.args.verify_checkpoint)
+        mine = json.loads(json.dumps(self.client_state()))  # as the checkpoint's JSON holds it (tuples as lists)
         with self.memory.measure("resume"):
-            state = self.checkpoints.load(self.engine, tag)
-        mine = self.client_state()
+            state = self.checkpoints.load(self.engine, tag, reshard_to=mine["layout"] if self.args.reshard else None)
         for key, what in (("goldfish", "goldfish settings (the masks would change mid-run)"),
                           ("model", "model config"), ("layout", "batch layout"), ("data_rows", "training data")):
+            if key == "layout" and self.args.reshard:
+                continue  # checked, and the sampler position converted, by the load
             if state[key] != mine[key]:
                 raise ValueError(f"--resume: the checkpoint's {what} differ from this run's:\n  checkpoint: "
                                  f"{state[key]}\n  this run:   {mine[key]}")
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.input_tokens, self.supervised_tokens = (state["step"], state["input_tokens"],
                                                                 state["supervised_tokens"])
+        if "skipped_steps" in state:  # checkpoints written before skipped steps were counted have neither
+            self.skipped.load_state_dict(state["skipped_steps"])
+            self.spikes.load_state_dict(state["loss_mean"])
 
     def save(self) -> str:
         with self.memory.measure("checkpoint"):
@@ -222,15 +236,23 @@ class Job:
         return tokens[:, :-1].clamp_min(0), labels
 
     def train_step(self, rows: Iterator[int]) -> dict:
-        """One optimizer step (accumulation micro-batches); returns its metrics, summed over DP ranks."""
+        """One optimizer step (accumulation micro-batches); returns its "train" record, summed over DP ranks,
+        or its "skipped" record when DeepSpeed skipped the update for a non-finite gradient norm."""
         sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # kept, dropped, kept/dropped loss, inputs
         lr = self.engine.get_lr()[0]
+        batches, finite = [], []  # this rank's rows and whether its loss was finite, per micro-batch
         for _ in range(self.accumulation):
-            inputs, labels = self._batch([self.train_set[next(rows)] for _ in range(self.micro_batch)])
+            batches.append([next(rows) for _ in range(self.micro_batch)])
+            inputs, labels = self._batch([self.train_set[row] for row in batches[-1]])
             local_logits = self.engine(inputs)
             loss, stats = vocab_parallel_goldfish_cross_entropy(local_logits, labels, self.goldfish,
-                                                                step=self.step, return_stats=True)
-            self.engine.backward(loss)
+                                                                step=self.step, return_stats=True,
+                                                                vocab_size=self.model_cfg.vocab_size)
+            loss = maybe_poison_loss(loss, self.step + 1)
+            finite.append(torch.isfinite(loss.detach()))
+            # x 1 where finite (exact); x NaN otherwise, so that DeepSpeed's gradient-norm check skips the step on
+            # every rank even where the loss's gradient is finite (anomalies.py).
+            self.engine.backward(loss * torch.where(finite[-1], 1.0, math.nan).to(loss.dtype))
             self.engine.step()
             sums += torch.stack([stats.kept_tokens.double(), stats.dropped_tokens.double(),
                                  stats.loss_kept.double() * stats.kept_tokens,
@@ -239,15 +261,34 @@ class Job:
         dist.all_reduce(sums, group=data_parallel_group())  # one host sync per optimizer step, below
         kept, dropped, kept_loss, dropped_loss, inputs_seen = sums.tolist()
         self.step += 1
+        if not self.engine.was_step_applied():  # the same on every rank: the norm is a global one
+            return self._skipped_record(batches, torch.stack(finite).tolist(), lr)
         self.input_tokens += int(inputs_seen)
         self.supervised_tokens += int(kept)
         grad_norm = self.engine.get_global_grad_norm()
         targets = max(kept + dropped, 1)
-        return {"loss": kept_loss / max(kept, 1), "loss_all_tokens": (kept_loss + dropped_loss) / targets,
+        return {"kind": "train", "step": self.step, "loss": kept_loss / max(kept, 1),
+                "loss_all_tokens": (kept_loss + dropped_loss) / targets,
                 "loss_dropped_tokens": dropped_loss / max(dropped, 1), "drop_rate": dropped / targets,
                 "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "input_tokens": self.input_tokens, "supervised_tokens": self.supervised_tokens,
                 "step_input_tokens": int(inputs_seen)}
+
+    def _skipped_record(self, batches: list[list[int]], finite: list[bool], lr: float) -> dict:
+        """The "skipped" record of this step: the training-set rows of every micro-batch (of any rank) whose
+        loss was not finite, or of the whole step when only the gradient norm was. One all_gather_object."""
+        bad = [row for rows, ok in zip(batches, finite) if not ok for row in rows]
+        views = [None] * dist.get_world_size()
+        dist.all_gather_object(views, (bad, [row for rows in batches for row in rows]))
+        bad_rows = sorted({row for rows, _ in views for row in rows})
+        if bad_rows:
+            reason = "non-finite loss"
+        elif self.dtype == torch.float16:
+            reason = "fp16 loss-scale overflow"  # DeepSpeed's loss scaler lowers its scale: not counted
+        else:
+            reason = "non-finite gradient norm"
+        return {"kind": "skipped", "step": self.step, "reason": reason, "lr": lr,
+                "rows": bad_rows or sorted({row for _, rows in views for row in rows})}
 
     @torch.no_grad()
     def validation_loss(self) -> float:
@@ -267,8 +308,9 @@ class Job:
             rows = [self.val_set[row] for row in mine[first:first + self.micro_batch]]
             inputs, labels = self._batch(rows + [padding] * (self.micro_batch - len(rows)))
             loss = vocab_parallel_goldfish_cross_entropy(self.engine(inputs), labels, None, reduction="sum",
-                                                         in_place=False)
+                                                         in_place=False, vocab_size=self.model_cfg.vocab_size)
             sums += torch.stack([loss.double(), labels.ne(self.ignore_index).sum().double()])
+        maybe_crash("validation", self.step)
         dist.all_reduce(sums, group=data_parallel_group())
         self.engine.train()
         total, targets = sums.tolist()
@@ -281,43 +323,81 @@ class Job:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / ARGS_FILE).write_text(json.dumps(vars(args), indent=1))
         self.checkpoints.remove_partial()
-        if args.resume:
-            self.resume()
-        logger = MetricsLogger(str(self.out_dir), enabled=self.rank == 0, start_step=self.step,
-                               max_steps=args.max_steps, progress=args.progress)
-        rows = iter(self.sampler)
-        with self.memory.measure("train"):  # checkpoints are phases of their own
-            self._train_loop(rows, logger)
+        self.stop_requests.install()
+        try:
+            if args.resume or args.resume_from:
+                self.resume()
+            logger = MetricsLogger(str(self.out_dir), enabled=self.rank == 0, start_step=self.step,
+                                   max_steps=args.max_steps, progress=args.progress,
+                                   wandb_project=args.wandb_project, wandb_run_name=args.wandb_run_name,
+                                   wandb_config={**vars(args), "model_flops_per_token": self.flops_per_token})
+            rows = iter(self.sampler)
+            with self.memory.measure("train"):  # checkpoints are phases of their own
+                stopped = self._train_loop(rows, logger)
+        finally:
+            self.stop_requests.uninstall()
         hf_dir = None
-        if args.export_hf:
+        if args.export_hf and not stopped:
             hf_dir = str(self.out_dir / "hf")
             with self.memory.measure("export"):
                 export_hf(self.engine.module, hf_dir, self.tokenizer_path, max_shard_size=args.hf_max_shard_size)
         summary = {"steps": self.step, "checkpoints": str(self.checkpoints.root), "metrics": str(logger.path),
                    "hf_export": hf_dir, "last_train": logger.last_record("train"),
-                   "last_val": logger.last_record("val")}
+                   "last_val": logger.last_record("val"), "stopped": stopped}
         if logger.tensorboard_dir:
             summary["tensorboard"] = logger.tensorboard_dir
+        if logger.wandb_dir:
+            summary["wandb"] = logger.wandb_dir
         logger.close()
         return summary
 
-    def _train_loop(self, rows: Iterator[int], logger: MetricsLogger) -> None:
+    def _train_loop(self, rows: Iterator[int], logger: MetricsLogger) -> str | None:
+        """Train to --max_steps; returns None, or why it stopped early ("SIGTERM", "SIGUSR1",
+        "exit_after_minutes") after writing a checkpoint of the last step. Raises TooManySkippedSteps."""
         args = self.args
+        on_gpu = self.device.type == "cuda"
+        saved = None
         while self.step < args.max_steps:
+            if on_gpu:
+                torch.cuda.reset_peak_memory_stats(self.device)
             start = time.perf_counter()
             record = self.train_step(rows)
             elapsed = time.perf_counter() - start
             maybe_crash("step", self.step)
+            maybe_hold(self.step, lambda: self.stop_requests.received != 0)
             logger.advance()
-            if self.step % args.log_interval == 0 or self.step == args.max_steps:
-                tokens = record.pop("step_input_tokens")
-                logger.log({"kind": "train", "step": self.step, **record, "tokens_per_s": tokens / elapsed,
-                            "step_time_s": elapsed})
+            if record["kind"] == "skipped":
+                if record["reason"] == "fp16 loss-scale overflow":
+                    logger.log(record)
+                else:
+                    self.skipped.skipped()
+                    logger.log({**record, "consecutive": self.skipped.consecutive, "total": self.skipped.total})
+                    self.skipped.check(self.step)  # raises at the --max_skipped_steps-th in a row
+            else:
+                self.skipped.applied()
+                running_mean = self.spikes.update(record["loss"])
+                if running_mean is not None:
+                    logger.log({"kind": "spike", "step": self.step, "loss": record["loss"],
+                                "running_mean": running_mean, "spike_factor": args.spike_factor})
+                if self.step % args.log_interval == 0 or self.step == args.max_steps:
+                    tokens = record.pop("step_input_tokens")
+                    if on_gpu:  # this rank's device
+                        record["peak_device_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                    logger.log({**record, "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
+                                **step_throughput(tokens, elapsed, self.flops_per_token, dist.get_world_size(),
+                                                  self.peak_tflops)})
             if self.val_set is not None and args.eval_interval and (self.step % args.eval_interval == 0
                                                                     or self.step == args.max_steps):
                 logger.log({"kind": "val", "step": self.step, "val_loss": self.validation_loss()})
             if self.step % args.save_interval == 0 or self.step == args.max_steps:
                 logger.write(f"step {self.step}: checkpoint {self.checkpoints.root / self.save()}")
+                saved = self.step
+            if self.step < args.max_steps and (reason := self.stop_requests.agreed()):
+                if saved != self.step:
+                    logger.write(f"step {self.step}: checkpoint {self.checkpoints.root / self.save()}")
+                logger.write(f"step {self.step}: stopped by {reason}; continue with --resume")
+                return reason
+        return None
 
 
 def run(args: argparse.Namespace) -> dict:
