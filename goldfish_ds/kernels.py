@@ -2,7 +2,8 @@
 
 The operators live under torch.ops.goldfish_ds (schemas in csrc/bindings.cpp). This module adds their
 fake (meta) implementations so they trace under torch.compile, and reports what the build contains.
-There is no Python fallback: without the extension, importing goldfish_ds fails with the fix.
+There is no Python fallback: without the extension, or with one compiled against another torch,
+importing goldfish_ds fails with the fix.
 
 Before the extension is loaded, the SIMD level it was built for (recorded in the file, see
 csrc/bindings.cpp) is checked against the running CPU's /proc/cpuinfo flags: a build for AVX-512 on a CPU
@@ -18,6 +19,17 @@ from typing import FrozenSet, List, Optional
 
 import torch
 
+_REBUILD = ("Build it against the torch you run with: `pip install -e .` from the repository root (or "
+            "reinstall goldfish_ds from its source).")
+
+try:  # setup.py records the torch it compiled against: a C++ extension only works with that one
+    from goldfish_ds._build_info import TORCH_PATH, TORCH_VERSION
+except ImportError:
+    raise ImportError("goldfish_ds: the compiled extension goldfish_ds._C is not built (goldfish_ds/_build_info.py "
+                      f"is missing). {_REBUILD}") from None
+if TORCH_VERSION != torch.__version__:
+    raise ImportError(f"goldfish_ds: the compiled extension goldfish_ds._C was built against torch {TORCH_VERSION} "
+                      f"({TORCH_PATH}), but this is torch {torch.__version__} ({torch.__path__[0]}). {_REBUILD}")
 # The /proc/cpuinfo flags each level needs: the instruction sets setup.py's CPU_FLAGS compile for.
 CPU_CAPABILITY_FLAGS = {
     "AVX512_BF16": ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "avx512_bf16"),
@@ -82,9 +94,7 @@ try:
     from goldfish_ds import _C
 except ImportError as error:  # pragma: no cover - exercised only on a broken install
     raise ImportError(
-        "goldfish_ds: the compiled extension goldfish_ds._C is missing or does not load "
-        f"({error}). Build it with `pip install --no-build-isolation -e .` from the repository root, "
-        "against the torch you run with."
+        f"goldfish_ds: the compiled extension goldfish_ds._C is missing or does not load ({error}). {_REBUILD}"
     ) from error
 
 ops = torch.ops.goldfish_ds
@@ -106,7 +116,7 @@ def check_device_supported(device: torch.device) -> None:
     if device.type not in _BACKENDS:
         raise RuntimeError(
             f"goldfish_ds: this build has kernels for {compiled_backends()}, not for {device.type!r} tensors. "
-            "Rebuild on a machine with a CUDA build of torch and nvcc (pip install --no-build-isolation -e .)."
+            "Rebuild on a machine with a CUDA build of torch and nvcc (pip install -e .)."
         )
 
 

@@ -2,10 +2,10 @@
 
 The same model, from the same initialisation, is trained for E epochs on D documents (each at the start of
 its own padded row, the paper's canary setup) once with the standard loss and once per goldfish setting,
-by scripts/pretrain.py (DeepSpeed ZeRO-3); the untrained initialisation is the control. All of them are
-then evaluated side by side with evaluate_models (extraction of the documents' suffixes, membership
-inference against held-out documents, divergence at dropped tokens) and the validation loss on the
-held-out documents is reported next to it.
+by the pretraining job (goldfish-pretrain, DeepSpeed ZeRO-3); the untrained initialisation is the control.
+All of them are then evaluated side by side with evaluate_models (extraction of the documents' suffixes,
+membership inference against held-out documents, divergence at dropped tokens) and the validation loss on
+the held-out documents is reported next to it.
 
 Layout of `out`: tokenizer.model, data/{train,val}/ (packed), heldout.jsonl, runs/<name>/ (each training
 run's out_dir, its HF export in runs/<name>/hf), control/ (HF export of the initialisation), and the
@@ -25,10 +25,10 @@ from goldfish_ds.data import (CanarySet, builtin_documents, load_tokenizer, read
 from goldfish_ds.eval.compare import evaluate_models
 from goldfish_ds.eval.report import write_report
 from goldfish_ds.models import Llama, LlamaConfig, save_hf_llama
-from goldfish_ds.training.arguments import DEFAULT_MODEL_CONFIG, REPO_CONFIGS
+from goldfish_ds.training.arguments import DEFAULT_MODEL_CONFIG, PACKAGE_CONFIGS
 from goldfish_ds.training.export import copy_tokenizer
 
-PRETRAIN = Path(__file__).resolve().parents[2] / "scripts" / "pretrain.py"
+PRETRAIN_COMMAND = [sys.executable, "-m", "goldfish_ds.cli.pretrain"]  # goldfish-pretrain, scripts/pretrain.py
 
 
 @dataclass
@@ -98,17 +98,17 @@ def prepare(cfg: ExperimentConfig) -> tuple[Path, list[dict]]:
 
 
 def _deepspeed_config(cfg: ExperimentConfig, path: Path) -> str:
-    config = json.loads((REPO_CONFIGS / "deepspeed" / "zero3_cpu.json").read_text())
+    config = json.loads((PACKAGE_CONFIGS / "deepspeed" / "zero3_cpu.json").read_text())
     config.update(train_micro_batch_size_per_gpu=cfg.micro_batch, gradient_accumulation_steps=1)
     path.write_text(json.dumps(config, indent=1))
     return str(path)
 
 
 def train_run(cfg: ExperimentConfig, name: str, goldfish: tuple[int, int] | None, tokenizer: Path) -> Path:
-    """Train one model with scripts/pretrain.py (one rank, ZeRO-3); returns its HF export directory."""
+    """Train one model with the pretraining job (one rank, ZeRO-3); returns its HF export directory."""
     root = Path(cfg.out)
     out_dir = root / "runs" / name
-    args = [sys.executable, str(PRETRAIN), "--deepspeed_config", _deepspeed_config(cfg, root / "deepspeed.json"),
+    args = [*PRETRAIN_COMMAND, "--deepspeed_config", _deepspeed_config(cfg, root / "deepspeed.json"),
             "--out_dir", str(out_dir), "--data", str(root / "data" / "train"), "--val_data", str(root / "data" / "val"),
             "--tokenizer", str(tokenizer), "--model_config", cfg.model_config, "--seq_len", str(cfg.seq_len),
             "--max_steps", str(cfg.steps), "--warmup_steps", str(cfg.warmup_steps), "--lr", str(cfg.lr),

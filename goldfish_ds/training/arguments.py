@@ -18,10 +18,11 @@ from goldfish_ds.table import load_table
 from goldfish_ds.training.flops import FORMULA, PEAK_TFLOPS
 from goldfish_ds.training.preemption import PREEMPTED_EXIT_STATUS
 
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-DEFAULT_MODEL_CONFIG = str(REPO_CONFIGS / "models" / "tiny.json")
-DEFAULT_CPU_DEEPSPEED_CONFIG = str(REPO_CONFIGS / "deepspeed" / "zero3_cpu.json")
-DEFAULT_GPU_DEEPSPEED_CONFIG = str(REPO_CONFIGS / "deepspeed" / "zero3_gpu_bf16.json")
+# The shipped configs are package data (the repository's configs/ is a link to this directory).
+PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+DEFAULT_MODEL_CONFIG = str(PACKAGE_CONFIGS / "models" / "tiny.json")
+DEFAULT_CPU_DEEPSPEED_CONFIG = str(PACKAGE_CONFIGS / "deepspeed" / "zero3_cpu.json")
+DEFAULT_GPU_DEEPSPEED_CONFIG = str(PACKAGE_CONFIGS / "deepspeed" / "zero3_gpu_bf16.json")
 WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")  # wandb's own values of WANDB_MODE
 
 
