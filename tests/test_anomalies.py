@@ -4,7 +4,6 @@ every rank (the weights and optimizer state stay those of the step before), is l
 from __future__ import annotations
 
 import itertools
-import re
 
 import pytest
 import torch
@@ -50,17 +49,6 @@ def test_skipped_steps_counts_the_ones_in_a_row():
     with pytest.raises(TooManySkippedSteps, match=message):
         counter.check(8)
     assert counter.state_dict() == {"consecutive": 2, "total": 3}
-
-
-@pytest.mark.parametrize("option, value, message", [
-    ("--max_skipped_steps", "0", "--max_skipped_steps must be >= 1, got 0"),
-    ("--spike_factor", "0.5", "--spike_factor must be 0 (off) or > 1, got 0.5"),
-])
-def test_bad_options_are_refused(option, value, message):
-    from goldfish_ds.training import parse_args
-
-    with pytest.raises(ValueError, match=re.escape(message)):
-        parse_args([option, value])
 
 
 @pytest.fixture(scope="module")

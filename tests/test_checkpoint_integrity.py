@@ -234,10 +234,8 @@ def test_fp16_loss_scaler_loads_with_weights_only():
     assert type(loaded) is type(scaler) and vars(loaded) == vars(scaler)
 
 
-def test_verify_checkpoint_needs_a_resume():
+def test_verify_checkpoint_goes_with_resume_from():
+    """(Without a resume it is refused: tests/test_bad_input.py.)"""
     from goldfish_ds.training import parse_args
 
-    with pytest.raises(ValueError, match=r"--verify_checkpoint checks the checkpoint a run resumes from: give "
-                                         r"--resume or --resume_from TAG too"):
-        parse_args(["--verify_checkpoint"])
     assert parse_args(["--resume_from", "step_00000003", "--verify_checkpoint"]).verify_checkpoint

@@ -19,7 +19,6 @@ from test_training import corpus, ds_config, launch, launch_env, losses, records
 
 from goldfish_ds.data import ShardedSampler
 from goldfish_ds.parallel import initialize_model_parallel
-from goldfish_ds.training import parse_args
 from goldfish_ds.training.checkpoint import CheckpointError, CheckpointManager
 from goldfish_ds.training.reshard import check_reshard_layout, resharded_sampler_state
 
@@ -191,5 +190,3 @@ def test_reshard_layout_checks():
                                          r"train_micro_batch_size_per_gpu and gradient_accumulation_steps in "
                                          r"--deepspeed_config so that their product is 2 at 4 data-parallel ranks"):
         check_reshard_layout(layout(2, 2, 2), layout(4, 2, 2))
-    with pytest.raises(ValueError, match="--reshard converts the checkpoint that --resume loads: give --resume too"):
-        parse_args(["--reshard"])
