@@ -13,7 +13,6 @@ text and the exact ids in its row), and the dataset serves the set `repeats` tim
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -23,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from goldfish_ds.files import sha256_file
+
 MANIFEST = "manifest.json"
 CANARY_ROWS = "canary_rows.bin"
 CANARY_TEXTS = "canary.jsonl"
@@ -31,14 +32,6 @@ PADDING = -1  # the id at padding positions of a row; never a token, so never a 
 
 def _dtype_for(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _checked_ids(doc: list[int], vocab_size: int) -> np.ndarray:
@@ -81,8 +74,8 @@ def _write_canary(root: Path, canary: CanarySet, vocab_size: int) -> dict:
             rows[row, :ids.size] = ids
             f.write(json.dumps({"text": text, "ids": ids.tolist()}, ensure_ascii=False) + "\n")
     rows.tofile(root / CANARY_ROWS)
-    return {"rows": CANARY_ROWS, "dtype": rows.dtype.name, "sha256": _sha256(root / CANARY_ROWS),
-            "texts": CANARY_TEXTS, "texts_sha256": _sha256(root / CANARY_TEXTS), "seq_len": canary.seq_len,
+    return {"rows": CANARY_ROWS, "dtype": rows.dtype.name, "sha256": sha256_file(root / CANARY_ROWS),
+            "texts": CANARY_TEXTS, "texts_sha256": sha256_file(root / CANARY_TEXTS), "seq_len": canary.seq_len,
             "num_docs": len(canary.documents), "repeats": canary.repeats,
             "num_truncated": sum(len(doc) > width for doc in canary.documents)}
 
@@ -112,7 +105,7 @@ def write_packed_shards(documents: Iterable[list[int]], out_dir: str, vocab_size
         np.concatenate(buffer).astype(dtype).tofile(tokens_path)
         np.save(root / f"docs_{index:05d}.npy", np.asarray(starts, dtype=np.int64))
         shards.append({"tokens": tokens_path.name, "docs": f"docs_{index:05d}.npy", "num_tokens": count,
-                       "num_docs": len(starts), "sha256": _sha256(tokens_path)})
+                       "num_docs": len(starts), "sha256": sha256_file(tokens_path)})
         buffer, starts, count = [], [], 0
 
     for doc in documents:
@@ -137,7 +130,7 @@ def _check_file(path: Path, sha256: str, verify: bool, num_bytes: int | None = N
         raise FileNotFoundError(f"data file {path} listed in the manifest is missing")
     if num_bytes is not None and path.stat().st_size != num_bytes:
         raise ValueError(f"data file {path} is corrupt: {path.stat().st_size} bytes, the manifest says {num_bytes}")
-    if verify and _sha256(path) != sha256:
+    if verify and sha256_file(path) != sha256:
         raise ValueError(f"data file {path} is corrupt: its sha256 differs from the manifest's")
 
 

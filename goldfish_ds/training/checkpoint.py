@@ -23,7 +23,6 @@ through our engine with `torch.load(weights_only=True, mmap=True)`; our own stat
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import random
@@ -40,6 +39,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from goldfish_ds.files import sha256_file
 from goldfish_ds.training.faults import maybe_crash
 from goldfish_ds.training.reshard import load_resharded
 
@@ -74,11 +74,6 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def sha256_file(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def check_shared_directory(directory: Path) -> None:
