@@ -7,6 +7,13 @@ num_attention_heads / tp query heads and num_key_value_heads / tp key/value head
 a slice of the vocabulary; `forward` returns this rank's slice of the logits, the input of
 goldfish_ds.parallel.vocab_parallel_goldfish_cross_entropy. Without a tensor-parallel group it is a plain
 single-process model.
+
+Document attention (`forward(..., documents=...)`, see `documents_from_eos`): a packed row holds several documents
+one after another, and plain causal attention lets each document see the ones before it. With `documents` a
+position attends only to the earlier positions of its own document and RoPE positions restart at 0 there, so each
+document's logits are those it would get on its own. The price is a [B, 1, T, T] bool mask per forward (shared by
+the layers) and, on CUDA, SDPA's memory-efficient kernel instead of flash attention (which takes no mask); grouped
+query attention then expands k and v to every query head, as SDPA's fused kernels take no mask with enable_gqa.
 """
 from __future__ import annotations
 
@@ -131,6 +138,43 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
+def documents_from_eos(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """The document index [B, T] (int64) of each input position of packed rows input_ids [B, T], for
+    `Llama.forward(documents=...)`: a new document starts at the position right after each EOS input token, so the
+    row [a, b, EOS, c, EOS, d] gives [0, 0, 0, 1, 1, 2] (a row that starts mid-document is one document up to its
+    first EOS)."""
+    if isinstance(eos_id, bool) or not isinstance(eos_id, int):
+        raise ValueError(f"documents_from_eos: eos_id must be an int token id, got {eos_id!r}")
+    ends = (input_ids == eos_id).long()
+    return ends.cumsum(-1) - ends
+
+
+def _document_mask_and_positions(documents: torch.Tensor, input_ids: torch.Tensor):
+    """(mask [B, 1, T, T] bool, positions [B, T]) of documents [B, T], or (None, None) when no row has a document
+    boundary (plain causal attention is then the same, and keeps SDPA's is_causal path). mask[b, 0, t, s] is True
+    where query t may attend key s: s <= t in the same document; positions count from 0 at each document's first
+    position. One host sync (the checks, and whether there is a boundary)."""
+    if not isinstance(documents, torch.Tensor) or documents.shape != input_ids.shape or documents.is_floating_point() \
+            or documents.is_complex() or documents.dtype == torch.bool:
+        raise ValueError(f"Llama.forward: documents must be an integer tensor of input_ids' shape "
+                         f"{list(input_ids.shape)} (a document index per input position), got "
+                         f"{documents.dtype if isinstance(documents, torch.Tensor) else type(documents).__name__}"
+                         f"{list(documents.shape) if isinstance(documents, torch.Tensor) else ''}")
+    steps = documents.diff(dim=1)
+    decreasing, boundary = torch.stack([steps.lt(0).any(), steps.ne(0).any()]).tolist()
+    if decreasing:
+        raise ValueError("Llama.forward: documents must be non-decreasing along each row (the document index of "
+                         "each input position, e.g. from documents_from_eos)")
+    if not boundary:
+        return None, None
+    T = documents.shape[1]
+    index = torch.arange(T, device=documents.device)
+    starts = F.pad(steps.ne(0), (1, 0), value=True)
+    positions = index - torch.where(starts, index, 0).cummax(dim=1).values
+    causal = torch.ones(T, T, dtype=torch.bool, device=documents.device).tril()
+    return ((documents[:, :, None] == documents[:, None, :]) & causal)[:, None], positions
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig, seed: int, group) -> None:
         super().__init__()
@@ -145,14 +189,21 @@ class Attention(nn.Module):
         self.v_proj = ColumnParallelLinear(cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim, std=std, seed=seed + 2, group=group)
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, std=std, seed=seed + 3, group=group)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [B, T, hidden]; cos, sin [T, head_dim] or [B, 1, T, head_dim]; mask None (causal) or [B, 1, T, T] bool."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.heads != self.kv_heads)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.heads != self.kv_heads)
+        else:  # SDPA's fused CUDA kernels take a mask but not with enable_gqa (math kernel): expand k, v instead
+            groups = self.heads // self.kv_heads
+            y = F.scaled_dot_product_attention(q, k.repeat_interleave(groups, dim=1),
+                                               v.repeat_interleave(groups, dim=1), attn_mask=mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
 
 
@@ -176,13 +227,20 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, seed + 10, group)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Llama(nn.Module):
     """Token ids [B, T] -> this rank's vocabulary slice of the logits [B, T, ceil(V / tp)].
+
+    forward(input_ids, positions=None, documents=None): positions, the RoPE positions [T] (every row) or [B, T]
+    (per row), default 0..T-1; documents [B, T], the non-decreasing document index of each input position
+    (documents_from_eos), makes attention block-diagonal causal (within a document) and restarts the positions at
+    0 in each document, unless positions are given too (they are then used as given). Without documents, or when
+    no row has a boundary, attention is plain causal.
 
     seed: initialisation seed; the parameters are the same at every tensor-parallel size.
     activation_checkpointing: recompute each decoder layer in the backward pass instead of storing it.
@@ -202,15 +260,26 @@ class Llama(nn.Module):
                                            tied=self.embed_tokens if cfg.tie_word_embeddings else None,
                                            std=cfg.initializer_range, seed=seed + 1, group=group)
 
-    def forward(self, input_ids: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
-        T = input_ids.shape[1]
+    def forward(self, input_ids: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                documents: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, T = input_ids.shape
+        mask = None
+        if documents is not None:
+            mask, document_positions = _document_mask_and_positions(documents, input_ids)
+            if positions is None:
+                positions = document_positions
         if positions is None:
             positions = torch.arange(T, device=input_ids.device)
+        elif positions.shape not in ((T,), (B, T)):
+            raise ValueError(f"Llama.forward: positions must have shape [T] = [{T}] or [B, T] = [{B}, {T}], got "
+                             f"{list(positions.shape)}")
         x = self.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(positions, self.cfg.rope_parameters, self.cfg.head_dim, x.dtype)
+        if positions.dim() == 2:  # per row: [B, 1, T, head_dim] broadcasts over the heads
+            cos, sin = cos[:, None], sin[:, None]
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin)
+                x = layer(x, cos, sin, mask)
         return self.lm_head(self.norm(x))

@@ -111,8 +111,9 @@ def rope_inverse_frequencies(rope: RopeParameters, head_dim: int, device: torch.
 
 
 def rotary_cos_sin(positions: torch.Tensor, rope: RopeParameters, head_dim: int, dtype: torch.dtype):
-    """cos, sin [T, head_dim] of HF's rotate-half rotary embedding at positions [T]."""
+    """cos, sin [..., head_dim] of HF's rotate-half rotary embedding at positions [...]: [T] (every row at the same
+    positions) gives [T, head_dim], [B, T] (positions per row) gives [B, T, head_dim]."""
     inv_freq = rope_inverse_frequencies(rope, head_dim, positions.device)
-    freqs = positions.float()[:, None] * inv_freq[None, :]
+    freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
