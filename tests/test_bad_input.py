@@ -39,7 +39,7 @@ from goldfish_ds import GoldfishConfig, goldfish_cross_entropy, goldfish_mask
 from goldfish_ds.data import (CanarySet, PackedTokenDataset, ShardedSampler, builtin_documents, load_tokenizer,
                               read_documents, train_sentencepiece, write_packed_shards)
 from goldfish_ds.kernels import check_cpu_supports
-from goldfish_ds.models import Llama, LlamaConfig, llama_from_hf, save_hf_llama
+from goldfish_ds.models import Llama, LlamaConfig, documents_from_eos, llama_from_hf, save_hf_llama
 from goldfish_ds.models.hf import HFCheckpoint, parse_size
 from goldfish_ds.parallel import (destroy_model_parallel, initialize_model_parallel, scatter_to_tensor_parallel_region,
                                   vocab_parallel_goldfish_cross_entropy)
@@ -115,6 +115,22 @@ def sharded_without_second(directory: Path) -> Path:
     model.save_pretrained(directory / "sharded", max_shard_size="40KB")
     next((directory / "sharded").glob("model-00002-of-*.safetensors")).unlink()
     return directory / "sharded"
+
+
+def tokenizer_without_eos(directory: Path) -> Path:
+    """An HF tokenizer directory (a 3-word WordLevel vocabulary) with no EOS token."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(WordLevel({"<unk>": 0, "a": 1, "b": 2}, unk_token="<unk>"))
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>").save_pretrained(str(directory))
+    return directory
+
+
+def llama_forward(input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    """A 1-layer Llama (SMALL) run on input_ids with forward's other arguments."""
+    return Llama(LlamaConfig(**SMALL))(input_ids, **kwargs)
 
 
 def packed(directory: Path, vocab: int = 1000, canary=None) -> Path:
@@ -417,6 +433,19 @@ API_REFUSALS = [
             "hidden_size, intermediate_size, num_hidden_layers, num_attention_heads missing"),
     Refusal("model config that is not JSON", lambda t, d: LlamaConfig.from_json(
         str((t / "bad.json").write_text("{oops") and t / "bad.json")), ValueError, r"model config .*bad\.json: "),
+    *[Refusal(f"Llama.forward {what}", lambda t, d, kwargs=kwargs: llama_forward(torch.zeros(2, 5, dtype=torch.int64),
+              **kwargs), ValueError, message) for what, kwargs, message in (
+        ("documents of another shape", {"documents": torch.zeros(2, 4, dtype=torch.int64)},
+         r"documents must be an integer tensor of input_ids' shape \[2, 5\] .*got torch.int64\[2, 4\]"),
+        ("float documents", {"documents": torch.zeros(2, 5)},
+         r"documents must be an integer tensor of input_ids' shape \[2, 5\] .*got torch.float32\[2, 5\]"),
+        ("documents that decrease along a row", {"documents": torch.tensor([[0, 0, 1, 1, 1], [0, 1, 0, 1, 1]])},
+         "documents must be non-decreasing along each row"),
+        ("positions of another shape", {"positions": torch.arange(4)},
+         r"positions must have shape \[T\] = \[5\] or \[B, T\] = \[2, 5\], got \[4\]"),
+    )],
+    Refusal("documents_from_eos eos_id not an int", lambda t, d: documents_from_eos(torch.zeros(2, 5, dtype=torch.int64),
+            2.0), ValueError, "documents_from_eos: eos_id must be an int token id, got 2.0"),
     Refusal("HF checkpoint directory without weights", lambda t, d: HFCheckpoint(str(t)), FileNotFoundError,
             "no model.safetensors"),
     Refusal("HF checkpoint without a tensor", lambda t, d: llama_from_hf(str(without_tensor(
@@ -669,6 +698,12 @@ JOB_REFUSALS = [
         f"tokenizer .* has {VOCAB} tokens, more than the model's vocab_size 1024"),
     JobRefusal("--tokenizer missing", lambda c, t: (["--tokenizer", str(t / "tok.model")], {}), FileNotFoundError,
                "tok.model"),
+    JobRefusal("--document_attention without --tokenizer", lambda c, t: (["--config", write_json(
+        t / "run.json", {"document_attention": True}), "--tokenizer", None], {}), ValueError,
+        "--document_attention finds the documents of a packed row by their EOS tokens: give the data's --tokenizer"),
+    JobRefusal("--document_attention with a tokenizer without EOS", lambda c, t: (["--config", write_json(
+        t / "run.json", {"document_attention": True}), "--tokenizer", str(tokenizer_without_eos(t / "tok"))], {}),
+        ValueError, r"--document_attention finds .* but tokenizer .*tok has no EOS token"),
     JobRefusal("--model_config missing", lambda c, t: (["--model_config", str(t / "none.json")], {}),
                FileNotFoundError, r"model config .*none\.json does not exist"),
     JobRefusal("--model_config not a Llama", lambda c, t: (["--model_config", write_json(

@@ -95,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--tensor_parallel", type=int, default=1, help="tensor-parallel size (divides the world)")
     model.add_argument("--activation_checkpointing", action="store_true", help="recompute decoder layers in the "
                                                                                "backward pass")
+    model.add_argument("--document_attention", action="store_true",
+                       help="attention within each packed document only (a new one starts after each EOS input "
+                            "token; RoPE positions restart at 0 there), in training and validation; needs a "
+                            "tokenizer with EOS. Costs a [micro-batch, 1, seq_len, seq_len] bool mask per forward "
+                            "and, on CUDA, the memory-efficient attention kernel instead of flash")
 
     data = p.add_argument_group("data")
     data.add_argument("--data", default=None, help="packed training data directory (scripts/prepare_data.py); "

@@ -32,7 +32,7 @@ from goldfish_ds.data import (
     Tokenizer,
     load_tokenizer,
 )
-from goldfish_ds.models import Llama, LlamaConfig, load_hf_llama
+from goldfish_ds.models import Llama, LlamaConfig, documents_from_eos, load_hf_llama
 from goldfish_ds.parallel import (
     data_parallel_group,
     data_parallel_rank,
@@ -120,6 +120,7 @@ class Job:
         self.val_set = PackedTokenDataset(self.val_dir, args.seq_len) if self.val_dir else None
         tokenizer = load_tokenizer(self.tokenizer_path) if self.tokenizer_path else None
         self._check_vocabulary(tokenizer)
+        self.document_eos = self._document_eos(tokenizer)
         self.goldfish: GoldfishConfig | None = goldfish_config(args, tokenizer.special_ids if tokenizer else ())
         self.ignore_index = self.goldfish.ignore_index if self.goldfish else -100
 
@@ -168,6 +169,18 @@ class Job:
         if self.train_set.vocab_size > vocab:
             raise ValueError(f"data {self.data_dir} was tokenized with a vocabulary of {self.train_set.vocab_size}, "
                              f"larger than the model's vocab_size {vocab}")
+
+    def _document_eos(self, tokenizer: Tokenizer | None) -> int | None:
+        """The EOS id that ends documents under --document_attention, None without it."""
+        if not self.args.document_attention:
+            return None
+        if tokenizer is None:
+            raise ValueError("--document_attention finds the documents of a packed row by their EOS tokens: give "
+                             "the data's --tokenizer too")
+        if tokenizer.eos_id is None:
+            raise ValueError(f"--document_attention finds the documents of a packed row by their EOS tokens, but "
+                             f"tokenizer {self.tokenizer_path} has no EOS token")
+        return tokenizer.eos_id
 
     def _build_engine(self, deepspeed):
         """The model under zero.Init with ZeRO-3 (from --init_from_hf too: each rank fills its own partitions),
@@ -235,6 +248,13 @@ class Job:
         labels = torch.where(labels < 0, self.ignore_index, labels)  # canary rows' tails, validation filler rows
         return tokens[:, :-1].clamp_min(0), labels
 
+    def _forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """This rank's vocabulary slice of the logits of inputs [B, T]; under --document_attention each packed
+        document attends only to itself."""
+        if self.document_eos is None:
+            return self.engine(inputs)
+        return self.engine(inputs, documents=documents_from_eos(inputs, self.document_eos))
+
     def train_step(self, rows: Iterator[int]) -> dict:
         """One optimizer step (accumulation micro-batches); returns its "train" record, summed over DP ranks,
         or its "skipped" record when DeepSpeed skipped the update for a non-finite gradient norm."""
@@ -244,7 +264,7 @@ class Job:
         for _ in range(self.accumulation):
             batches.append([next(rows) for _ in range(self.micro_batch)])
             inputs, labels = self._batch([self.train_set[row] for row in batches[-1]])
-            local_logits = self.engine(inputs)
+            local_logits = self._forward(inputs)
             loss, stats = vocab_parallel_goldfish_cross_entropy(local_logits, labels, self.goldfish,
                                                                 step=self.step, return_stats=True,
                                                                 vocab_size=self.model_cfg.vocab_size)
@@ -307,7 +327,7 @@ class Job:
         for first in range(0, passes * self.micro_batch, self.micro_batch):
             rows = [self.val_set[row] for row in mine[first:first + self.micro_batch]]
             inputs, labels = self._batch(rows + [padding] * (self.micro_batch - len(rows)))
-            loss = vocab_parallel_goldfish_cross_entropy(self.engine(inputs), labels, None, reduction="sum",
+            loss = vocab_parallel_goldfish_cross_entropy(self._forward(inputs), labels, None, reduction="sum",
                                                          in_place=False, vocab_size=self.model_cfg.vocab_size)
             sums += torch.stack([loss.double(), labels.ne(self.ignore_index).sum().double()])
         maybe_crash("validation", self.step)
