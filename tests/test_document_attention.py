@@ -213,8 +213,8 @@ MICRO_BATCH, SEQ_LEN, EVAL_ROWS = 4, 64, 6
 
 @pytest.fixture(scope="module")
 def document_attention_job(tmp_path_factory) -> Path:
-    """A 2-step, 1-rank ZeRO-3 job with --document_attention from a saved random Llama, on short documents
-    (paragraphs of the built-in corpus: several per row); returns its directory."""
+    """A 2-step, 1-rank ZeRO-3 job with --document_attention (and activation checkpointing) from a saved random
+    Llama, on short documents (paragraphs of the built-in corpus: two or more per row); returns its directory."""
     root = tmp_path_factory.mktemp("job")
     paragraphs = [p.strip() for doc in builtin_documents() for p in doc.split("\n\n") if 20 <= len(p.strip()) <= 120]
     tok = load_tokenizer(train_sentencepiece(paragraphs, str(root / "tok"), vocab_size=512))
@@ -226,6 +226,7 @@ def document_attention_job(tmp_path_factory) -> Path:
     ds = json.loads((REPO / "configs" / "deepspeed" / "zero3_cpu.json").read_text())
     (root / "ds.json").write_text(json.dumps({**ds, "train_micro_batch_size_per_gpu": MICRO_BATCH}))
     command = [sys.executable, str(REPO / "scripts" / "pretrain.py"), "--document_attention",
+               "--activation_checkpointing",  # the mask through DeepSpeed's hooks and torch's recomputation
                "--init_from_hf", str(root / "init"), "--deepspeed_config", str(root / "ds.json"),
                "--data", str(root / "train"), "--val_data", str(root / "val"), "--tokenizer", str(root / "tok.model"),
                "--seq_len", str(SEQ_LEN), "--max_steps", "2", "--eval_interval", "2", "--eval_rows", str(EVAL_ROWS),
