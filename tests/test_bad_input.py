@@ -444,8 +444,9 @@ API_REFUSALS = [
         ("positions of another shape", {"positions": torch.arange(4)},
          r"positions must have shape \[T\] = \[5\] or \[B, T\] = \[2, 5\], got \[4\]"),
     )],
-    Refusal("documents_from_eos eos_id not an int", lambda t, d: documents_from_eos(torch.zeros(2, 5, dtype=torch.int64),
-            2.0), ValueError, "documents_from_eos: eos_id must be an int token id, got 2.0"),
+    Refusal("documents_from_eos eos_id not an int", lambda t, d: documents_from_eos(
+        torch.zeros(2, 5, dtype=torch.int64), 2.0), ValueError, "documents_from_eos: eos_id must be an int token id, "
+                                                                "got 2.0"),
     Refusal("HF checkpoint directory without weights", lambda t, d: HFCheckpoint(str(t)), FileNotFoundError,
             "no model.safetensors"),
     Refusal("HF checkpoint without a tensor", lambda t, d: llama_from_hf(str(without_tensor(
