@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from goldfish_ds.config import GoldfishConfig
 from goldfish_ds.mask import goldfish_mask
@@ -28,13 +27,11 @@ def kept_targets(labels: torch.Tensor, cfg: Optional[GoldfishConfig], ignore_ind
     return kept.sum()
 
 
-def global_tokens_loss_scale(local_kept: torch.Tensor, accumulation_steps: int, averaged_over: int,
-                             group: Optional[dist.ProcessGroup]) -> torch.Tensor:
-    """The factor c (float32 0-dim, local_kept's device) for this rank's micro-batch losses under `global_tokens`:
-    each micro-batch's loss is c x its SUM of kept-target losses. One all-reduce (SUM) of one int64 over `group`,
-    the data-parallel group, gives the global kept count G (local_kept: this rank's count over all its
-    micro-batches of the step; the ranks of a tensor-parallel group hold the same rows, and each is in another
-    data-parallel group).
+def global_tokens_loss_scale(global_kept: torch.Tensor, accumulation_steps: int, averaged_over: int) -> torch.Tensor:
+    """The factor c (float32 0-dim, on global_kept's device) by which `global_tokens` multiplies each micro-batch's
+    SUM of kept-target losses. global_kept: G, the kept targets of the whole global batch (kept_targets summed over
+    this rank's micro-batches of the step, then all-reduced over the data-parallel group; the ranks of a
+    tensor-parallel group hold the same rows, and each is in another data-parallel group).
 
     Derivation. DeepSpeed's engine.backward divides each of the A = accumulation_steps micro-batch losses by A,
     and the gradient reduction averages over the W = averaged_over data-parallel ranks (ZeRO-3's reduce-scatter
@@ -44,6 +41,4 @@ def global_tokens_loss_scale(local_kept: torch.Tensor, accumulation_steps: int, 
     so c = A W / G makes it d(sum of the global batch's kept-target losses / G). When G = 0 every S is 0: c is
     computed with G = 1, and the gradient is 0 (not NaN), as the per-micro-batch mean gives.
     """
-    total = local_kept.to(torch.int64).reshape(1).clone()
-    dist.all_reduce(total, group=group)
-    return (accumulation_steps * averaged_over / total.clamp(min=1).double()).float()[0]
+    return (accumulation_steps * averaged_over / global_kept.clamp(min=1).double()).float()

@@ -280,14 +280,14 @@ class Job:
     def _loss_reduction_and_scale(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]
                                   ) -> tuple[str, torch.Tensor | float]:
         """The reduction of each micro-batch's loss and the factor it is multiplied by, per --loss_normalization:
-        the mean over the micro-batch's kept targets x 1, or their sum x the global_tokens scale (one all-reduce
-        of the kept count of this step's micro-batches over the data-parallel group; loss_normalization.py)."""
+        the mean over the micro-batch's kept targets x 1, or their sum x the global_tokens scale, from the kept
+        count of the global batch (one all-reduce of one integer over the data-parallel group)."""
         if self.args.loss_normalization == "micro_batch":
             return "mean", 1.0
         kept = sum(kept_targets(labels, self.goldfish, self.ignore_index, self.step) for _, labels in micro_batches)
+        dist.all_reduce(kept, group=data_parallel_group())
         return "sum", global_tokens_loss_scale(kept, self.accumulation,
-                                               self.dp_size if self.engine.gradient_average else 1,
-                                               data_parallel_group())
+                                               self.dp_size if self.engine.gradient_average else 1)
 
     def _skipped_record(self, batches: list[list[int]], finite: list[bool], lr: float) -> dict:
         """The "skipped" record of this step: the training-set rows of every micro-batch (of any rank) whose
