@@ -29,7 +29,7 @@ from goldfish_ds.data import CanarySet, PackedTokenDataset, ShardedSampler, writ
 from goldfish_ds.models import Llama, LlamaConfig
 from goldfish_ds.models.hf import export_hf_state_dict
 from goldfish_ds.reference import reference_goldfish_mask
-from goldfish_ds.training import parse_args
+from goldfish_ds.training import build_parser, parse_args
 from goldfish_ds.training.loss_normalization import global_tokens_loss_scale
 
 GRADS = str(Path(__file__).resolve().parent / "loss_normalization_grads.py")
@@ -176,7 +176,10 @@ def test_scale_undoes_deepspeeds_averaging_and_survives_no_kept_target():
     assert nothing.item() == 12.0  # G = 0: a finite factor of zero losses, so a zero gradient, not NaN
 
 
-def test_loss_normalization_is_checked(tmp_path):
+def test_loss_normalization_is_documented_and_checked(tmp_path):
+    text = " ".join(build_parser().format_help().split())
+    assert "--loss_normalization {micro_batch,global_tokens} micro_batch: each micro-batch's loss is the mean" in text
+    assert "Use global_tokens when kept counts vary between micro-batches" in text and "(default: micro_batch)" in text
     assert parse_args([]).loss_normalization == "micro_batch"
     with pytest.raises(SystemExit):
         parse_args(["--loss_normalization", "tokens"])  # argparse: "invalid choice: 'tokens' (choose from ...)"
