@@ -16,6 +16,7 @@ from goldfish_ds.config import STRATEGIES, WINDOWS, GoldfishConfig
 from goldfish_ds.models.hf import DEFAULT_MAX_SHARD_SIZE, parse_size
 from goldfish_ds.table import load_table
 from goldfish_ds.training.flops import FORMULA, PEAK_TFLOPS
+from goldfish_ds.training.loss_normalization import LOSS_NORMALIZATIONS
 from goldfish_ds.training.preemption import PREEMPTED_EXIT_STATUS
 
 # The shipped configs are package data (the repository's configs/ is a link to this directory).
@@ -134,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--beta1", type=float, default=0.9)
     opt.add_argument("--beta2", type=float, default=0.95)
     opt.add_argument("--weight_decay", type=float, default=0.1, help="applied to matrices, not to norms")
+    opt.add_argument("--loss_normalization", default="micro_batch", choices=LOSS_NORMALIZATIONS,
+                     help="micro_batch: each micro-batch's loss is the mean over its kept targets (the official "
+                          "definition; DeepSpeed then averages the micro-batches and ranks); global_tokens: the sum "
+                          "of the kept-target losses of the whole global batch (every accumulation micro-batch of "
+                          "every data-parallel rank) over their count, so every kept target weighs the same (one "
+                          "more all-reduce per step). Use global_tokens when kept counts vary between "
+                          "micro-batches: SFT data (unsupervised prompts), goldfish drops, padded rows")
 
     log = p.add_argument_group("logging, validation and checkpoints")
     log.add_argument("--log_interval", type=int, default=1, help="steps between metric records")
@@ -194,6 +202,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"--exit_after_minutes must be > 0 minutes, got {args.exit_after_minutes}")
     if not (args.spike_factor == 0 or args.spike_factor > 1):
         raise ValueError(f"--spike_factor must be 0 (off) or > 1, got {args.spike_factor}")
+    if args.loss_normalization not in LOSS_NORMALIZATIONS:  # argparse does not check a --config value
+        raise ValueError(f"--loss_normalization must be one of {list(LOSS_NORMALIZATIONS)}, got "
+                         f"{args.loss_normalization!r}")
     if not args.lr > 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
     if not 0 <= args.min_lr <= args.lr:

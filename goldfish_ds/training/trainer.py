@@ -55,6 +55,7 @@ from goldfish_ds.training.deepspeed_config import load_deepspeed_config
 from goldfish_ds.training.export import export_hf
 from goldfish_ds.training.faults import maybe_crash, maybe_hold, maybe_poison_loss
 from goldfish_ds.training.flops import device_peak_tflops, step_throughput, training_flops_per_token
+from goldfish_ds.training.loss_normalization import global_tokens_loss_scale, kept_targets
 from goldfish_ds.training.metrics import HostMemoryPhases, MetricsLogger
 from goldfish_ds.training.optim import adamw, lr_scheduler
 from goldfish_ds.training.partitions import load_hf_into_partitions
@@ -260,15 +261,17 @@ class Job:
         or its "skipped" record when DeepSpeed skipped the update for a non-finite gradient norm."""
         sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # kept, dropped, kept/dropped loss, inputs
         lr = self.engine.get_lr()[0]
-        batches, finite = [], []  # this rank's rows and whether its loss was finite, per micro-batch
-        for _ in range(self.accumulation):
-            batches.append([next(rows) for _ in range(self.micro_batch)])
-            inputs, labels = self._batch([self.train_set[row] for row in batches[-1]])
+        # This rank's rows, its micro-batches and whether each one's loss was finite.
+        batches = [[next(rows) for _ in range(self.micro_batch)] for _ in range(self.accumulation)]
+        micro_batches = [self._batch([self.train_set[row] for row in batch]) for batch in batches]
+        reduction, loss_scale = self._loss_reduction_and_scale(micro_batches)
+        finite = []
+        for inputs, labels in micro_batches:
             local_logits = self._forward(inputs)
             loss, stats = vocab_parallel_goldfish_cross_entropy(local_logits, labels, self.goldfish,
-                                                                step=self.step, return_stats=True,
+                                                                reduction=reduction, step=self.step, return_stats=True,
                                                                 vocab_size=self.model_cfg.vocab_size)
-            loss = maybe_poison_loss(loss, self.step + 1)
+            loss = maybe_poison_loss(loss * loss_scale, self.step + 1)
             finite.append(torch.isfinite(loss.detach()))
             # x 1 where finite (exact); x NaN otherwise, so that DeepSpeed's gradient-norm check skips the step on
             # every rank even where the loss's gradient is finite (anomalies.py).
@@ -293,6 +296,18 @@ class Job:
                 "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "input_tokens": self.input_tokens, "supervised_tokens": self.supervised_tokens,
                 "step_input_tokens": int(inputs_seen)}
+
+    def _loss_reduction_and_scale(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]
+                                  ) -> tuple[str, torch.Tensor | float]:
+        """The reduction of each micro-batch's loss and the factor it is multiplied by, per --loss_normalization:
+        the mean over the micro-batch's kept targets x 1, or their sum x the global_tokens scale, from the kept
+        count of the global batch (one all-reduce of one integer over the data-parallel group)."""
+        if self.args.loss_normalization == "micro_batch":
+            return "mean", 1.0
+        kept = sum(kept_targets(labels, self.goldfish, self.ignore_index, self.step) for _, labels in micro_batches)
+        dist.all_reduce(kept, group=data_parallel_group())
+        return "sum", global_tokens_loss_scale(kept, self.accumulation,
+                                               self.dp_size if self.engine.gradient_average else 1)
 
     def _skipped_record(self, batches: list[list[int]], finite: list[bool], lr: float) -> dict:
         """The "skipped" record of this step: the training-set rows of every micro-batch (of any rank) whose
