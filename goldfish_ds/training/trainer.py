@@ -228,12 +228,24 @@ class Job:
             return self.checkpoints.save(self.engine, self.step, self.client_state())
 
     # ---- steps --------------------------------------------------------------------------------------
-    def _batch(self, rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and labels [B, seq_len] from B rows of seq_len + 1 ids; negative ids (PADDING) are not targets."""
+    def _batch(self, rows: list[torch.Tensor], supervised: list[torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Inputs, labels and window_ids [B, seq_len] from B rows of seq_len + 1 ids; negative ids (PADDING) are not
+        targets. SFT data: `supervised` (each row's PackedTokenDataset.supervised) makes every other target -100 in
+        labels, and window_ids are the row's shifted ids (the goldfish mask hashes those); otherwise None."""
         tokens = torch.stack(rows).to(self.device)
-        labels = tokens[:, 1:]
-        labels = torch.where(labels < 0, self.ignore_index, labels)  # canary rows' tails, validation filler rows
-        return tokens[:, :-1].clamp_min(0), labels
+        targets = tokens[:, 1:]
+        not_targets = targets < 0  # canary rows' tails, validation filler rows
+        if supervised is not None:
+            not_targets |= ~torch.stack(supervised).to(self.device)[:, 1:]
+        labels = torch.where(not_targets, self.ignore_index, targets)
+        return tokens[:, :-1].clamp_min(0), labels, targets if supervised is not None else None
+
+    def _read_batch(self, dataset: PackedTokenDataset, rows: list[int]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """_batch of these rows of `dataset`, with their supervision when it is SFT data."""
+        supervised = [dataset.supervised(row) for row in rows] if dataset.sft is not None else None
+        return self._batch([dataset[row] for row in rows], supervised)
 
     def train_step(self, rows: Iterator[int]) -> dict:
         """One optimizer step (accumulation micro-batches); returns its "train" record, summed over DP ranks,
@@ -243,11 +255,12 @@ class Job:
         batches, finite = [], []  # this rank's rows and whether its loss was finite, per micro-batch
         for _ in range(self.accumulation):
             batches.append([next(rows) for _ in range(self.micro_batch)])
-            inputs, labels = self._batch([self.train_set[row] for row in batches[-1]])
+            inputs, labels, window_ids = self._read_batch(self.train_set, batches[-1])
             local_logits = self.engine(inputs)
             loss, stats = vocab_parallel_goldfish_cross_entropy(local_logits, labels, self.goldfish,
                                                                 step=self.step, return_stats=True,
-                                                                vocab_size=self.model_cfg.vocab_size)
+                                                                vocab_size=self.model_cfg.vocab_size,
+                                                                window_ids=window_ids)
             loss = maybe_poison_loss(loss, self.step + 1)
             finite.append(torch.isfinite(loss.detach()))
             # x 1 where finite (exact); x NaN otherwise, so that DeepSpeed's gradient-norm check skips the step on
@@ -292,7 +305,8 @@ class Job:
 
     @torch.no_grad()
     def validation_loss(self) -> float:
-        """Mean standard (not goldfish) loss over every target of the first --eval_rows validation rows.
+        """Mean standard (not goldfish) loss over every target (SFT data: every supervised one) of the first
+        --eval_rows validation rows.
 
         Row i goes to data-parallel rank i % dp_size. Every rank runs the same number of micro-batches
         (under ZeRO-3 each forward gathers parameters with collectives), filled up with PADDING rows that
@@ -305,8 +319,11 @@ class Job:
         padding = torch.full((self.args.seq_len + 1,), PADDING, dtype=torch.int64)
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, targets
         for first in range(0, passes * self.micro_batch, self.micro_batch):
-            rows = [self.val_set[row] for row in mine[first:first + self.micro_batch]]
-            inputs, labels = self._batch(rows + [padding] * (self.micro_batch - len(rows)))
+            rows = list(mine[first:first + self.micro_batch])
+            fill = self.micro_batch - len(rows)
+            supervised = ([self.val_set.supervised(row) for row in rows] + [torch.zeros_like(padding, dtype=torch.bool)] * fill
+                          if self.val_set.sft is not None else None)
+            inputs, labels, _ = self._batch([self.val_set[row] for row in rows] + [padding] * fill, supervised)
             loss = vocab_parallel_goldfish_cross_entropy(self.engine(inputs), labels, None, reduction="sum",
                                                          in_place=False, vocab_size=self.model_cfg.vocab_size)
             sums += torch.stack([loss.double(), labels.ne(self.ignore_index).sum().double()])
