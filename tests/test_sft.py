@@ -1,11 +1,20 @@
 """Goldfish SFT: masks hashed over window_ids (the unmasked targets), SFT data formats and their supervision."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
 from conftest import DEVICES
+from test_training import ds_config, launch, records
+
 from goldfish_ds import GoldfishConfig, apply_goldfish, goldfish_cross_entropy, goldfish_mask
+from goldfish_ds.cli import prepare_data
+from goldfish_ds.data import (PackedTokenDataset, builtin_documents, chat_generation_prompt, load_tokenizer,
+                              train_sentencepiece)
+from goldfish_ds.data.sft import encode_chat
 from goldfish_ds.parallel import vocab_parallel_goldfish_cross_entropy
 from goldfish_ds.reference import reference_goldfish_mask
 
@@ -119,14 +128,6 @@ def test_bad_window_ids_are_refused():
 
 
 # ---- SFT data: goldfish-prepare-data --format chat / prompt_response, through real training jobs ----------------
-
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from test_training import ds_config, launch, records  # noqa: E402
-
-from goldfish_ds.cli import prepare_data  # noqa: E402
-from goldfish_ds.data import PackedTokenDataset, builtin_documents, load_tokenizer, train_sentencepiece  # noqa: E402
 
 SEQ_LEN = 64
 LLAMA3_TEMPLATE = (  # Llama 3's layout: a header per message, content trimmed, <|eot_id|> ending every turn
@@ -296,9 +297,6 @@ def test_chat_template_packed_end_to_end(tmp_path, hf_chat_tokenizer):
 
 
 def test_chat_generation_prompt_is_the_prefix_of_a_training_example(hf_chat_tokenizer, sp_tokenizer):
-    from goldfish_ds.data import chat_generation_prompt
-    from goldfish_ds.data.sft import encode_chat
-
     for path in (hf_chat_tokenizer, sp_tokenizer):
         tok = load_tokenizer(path)
         conversation = conversations()[0]

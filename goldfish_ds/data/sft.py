@@ -55,7 +55,8 @@ def _checked_messages(record: dict, where: str) -> list[dict]:
         if message["role"] not in ROLES:
             raise ValueError(f"{where}: messages[{i}] has role {message['role']!r}; roles are {list(ROLES)}")
         if message["role"] == "assistant" and not message["content"].strip():
-            raise ValueError(f"{where}: messages[{i}] is an assistant turn with an empty 'content' (nothing to train on)")
+            raise ValueError(f"{where}: messages[{i}] is an assistant turn with an empty 'content' "
+                             "(nothing to train on)")
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError(f"{where}: the conversation has no assistant turn (nothing to train on)")
     return [{"role": m["role"], "content": m["content"]} for m in messages]

@@ -321,7 +321,8 @@ class Job:
         for first in range(0, passes * self.micro_batch, self.micro_batch):
             rows = list(mine[first:first + self.micro_batch])
             fill = self.micro_batch - len(rows)
-            supervised = ([self.val_set.supervised(row) for row in rows] + [torch.zeros_like(padding, dtype=torch.bool)] * fill
+            no_target = torch.zeros_like(padding, dtype=torch.bool)
+            supervised = ([self.val_set.supervised(row) for row in rows] + [no_target] * fill
                           if self.val_set.sft is not None else None)
             inputs, labels, _ = self._batch([self.val_set[row] for row in rows] + [padding] * fill, supervised)
             loss = vocab_parallel_goldfish_cross_entropy(self.engine(inputs), labels, None, reduction="sum",
