@@ -5,7 +5,8 @@ the leading sentences of the first paragraph, up to --answer_chars characters), 
 (goldfish-prepare-data --format chat, one example per row), fine-tunes --base (an HF Llama directory) on it twice
 with goldfish-pretrain --init_from_hf (standard loss, then goldfish k=4 h=13), and greedily generates every
 answer from its rendered question (the chat generation prompt) with the base and both fine-tuned models.
-Prints a markdown table: exact-match rate of the answers (answer + EOS), mean token match and RougeL.
+Prints a markdown table: exact-match rate of the answers (answer + EOS), mean token match, mean longest
+verbatim run (tokens) and RougeL; OUT/results.json holds the same numbers.
 
     python examples/sft_memorization.py --base BASE_HF_DIR --tokenizer tok.model --out runs/sft
 """
@@ -91,9 +92,11 @@ def main() -> None:
         rows[name] = str(run_dir / "hf")
     table = {name: evaluate(model_dir, args.tokenizer, examples) for name, model_dir in rows.items()}
     (out / "results.json").write_text(json.dumps(table, indent=1))
-    print(f"| model | exact match ({len(examples)} answers) | token match | RougeL |\n| --- | --- | --- | --- |")
+    print(f"| model | exact match ({len(examples)} answers) | token match | longest run | RougeL |\n"
+          "| --- | --- | --- | --- | --- |")
     for name, s in table.items():
-        print(f"| {name} | {s['exact_match_rate']:.3f} | {s['token_match_mean']:.3f} | {s['rougeL_mean']:.3f} |")
+        print(f"| {name} | {s['exact_match_rate']:.3f} | {s['token_match_mean']:.3f} | {s['longest_run_mean']:.1f} | "
+              f"{s['rougeL_mean']:.3f} |")
 
 
 if __name__ == "__main__":
