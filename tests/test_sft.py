@@ -203,7 +203,8 @@ def conversations() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def prompt_response_run(tmp_path_factory, sp_tokenizer):
-    """prompt_response data (one example per row), 8 training rows, 2 ranks x 4 rows: every step sees them all."""
+    """prompt_response data (one example per row), 8 training rows in one micro-batch, on 2 tensor-parallel
+    ranks (the vocab-parallel loss with window_ids): every step sees them all."""
     root = tmp_path_factory.mktemp("pr")
     data = write_jsonl(root / "train.jsonl", prompt_response_records()[:8])
     val = write_jsonl(root / "val.jsonl", prompt_response_records()[8:])
@@ -211,10 +212,11 @@ def prompt_response_run(tmp_path_factory, sp_tokenizer):
         prepare_data.main(["--format", "prompt_response", "--input", path, "--tokenizer", sp_tokenizer,
                            "--out", str(root / name), "--seq_len", str(SEQ_LEN)])
     out = root / "run"
-    launch("deepspeed", 2, ["--deepspeed_config", ds_config(root / "ds.json", 4, 1), "--out_dir", str(out),
-                            "--data", str(root / "train"), "--val_data", str(root / "val"), "--tokenizer",
-                            sp_tokenizer, "--seq_len", str(SEQ_LEN), "--max_steps", "3", "--eval_interval", "3",
-                            "--save_interval", "3", "--goldfish_k", "3", "--goldfish_h", "4", "--no-progress"])
+    launch("deepspeed", 2, ["--deepspeed_config", ds_config(root / "ds.json", 8, 1), "--tensor_parallel", "2",
+                            "--out_dir", str(out), "--data", str(root / "train"), "--val_data", str(root / "val"),
+                            "--tokenizer", sp_tokenizer, "--seq_len", str(SEQ_LEN), "--max_steps", "3",
+                            "--eval_interval", "3", "--save_interval", "3", "--goldfish_k", "3", "--goldfish_h", "4",
+                            "--no-progress"])
     return root, out
 
 
