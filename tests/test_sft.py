@@ -239,6 +239,8 @@ def test_prompt_response_rows_and_training_counts(prompt_response_run, sp_tokeni
     assert torch.equal(torch.stack([data.supervised(r) for r in range(8)]), sup)
     cfg = GoldfishConfig(k=3, h=4, exempt_ids=tok.special_ids)
     kept = expected_kept(ids, sup, cfg)
+    labels = torch.where(sup[:, 1:], ids[:, 1:], -100)
+    assert kept != int((labels.ne(-100) & ~reference_goldfish_mask(labels, cfg)).sum())  # hashing labels differs
     train = records(out)
     assert [r["supervised_tokens"] for r in train] == [kept, 2 * kept, 3 * kept]  # every step holds every row
     targets = int(sup[:, 1:].sum())

@@ -219,7 +219,9 @@ class PackedTokenDataset(torch.utils.data.Dataset):
     """Rows of seq_len + 1 token ids (int64) from a packed directory, memory-mapped.
 
     Rows [0, num_packed_rows) are the packed documents; then come the canary rows, the whole set once per
-    repeat, each holding one document from its first position and PADDING after it. verify=True checks every
+    repeat, each holding one document from its first position and PADDING after it. An SFT directory also
+    serves each row's supervision (supervised(row)); `sft` is its manifest entry (None for pretraining data).
+    verify=True checks every
     file's sha256 against the manifest (reads everything once); the sizes are always checked, so a missing
     or truncated file is a clear error before training starts.
     """
