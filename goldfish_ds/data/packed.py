@@ -221,9 +221,8 @@ class PackedTokenDataset(torch.utils.data.Dataset):
     Rows [0, num_packed_rows) are the packed documents; then come the canary rows, the whole set once per
     repeat, each holding one document from its first position and PADDING after it. An SFT directory also
     serves each row's supervision (supervised(row)); `sft` is its manifest entry (None for pretraining data).
-    verify=True checks every
-    file's sha256 against the manifest (reads everything once); the sizes are always checked, so a missing
-    or truncated file is a clear error before training starts.
+    verify=True checks every file's sha256 against the manifest (reads everything once); the sizes are always
+    checked, so a missing or truncated file is a clear error before training starts.
     """
 
     def __init__(self, data_dir: str, seq_len: int, verify: bool = False) -> None:
