@@ -114,6 +114,7 @@ def goldfish_cross_entropy(
     step: int = 0,
     in_place: bool = True,
     return_stats: bool = False,
+    window_ids: Optional[torch.Tensor] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, GoldfishStats]]:
     """Cross-entropy over the targets the goldfish mask keeps.
 
@@ -126,13 +127,16 @@ def goldfish_cross_entropy(
     in_place: when the logits need a gradient, write it into the logits buffer (their values are gone
     after this call). Pass False to keep the logits; the gradient then takes a new buffer.
     return_stats: also return GoldfishStats (computing the loss of dropped rows too: they are then read).
+    window_ids: labels' shape, int64: hash the mask's windows over these ids instead of labels (SFT: the
+    unmasked targets, so -100 prompt labels do not change a response's mask); see goldfish_mask. Unused
+    when cfg is None.
     """
     check_loss_inputs(logits, labels, reduction, "goldfish_cross_entropy")
     check_device_supported(logits.device)
 
     ignore_index = cfg.ignore_index if cfg is not None else -100
     flat_labels = labels.reshape(-1).contiguous()
-    dropped = goldfish_mask(labels, cfg, step).reshape(-1) if cfg is not None else None
+    dropped = goldfish_mask(labels, cfg, step, window_ids=window_ids).reshape(-1) if cfg is not None else None
     valid = flat_labels.ne(ignore_index)
     kept = valid if dropped is None else valid & ~dropped
     flat_logits = logits.reshape(-1, logits.shape[-1])

@@ -5,6 +5,8 @@ int64 with logical shifts), independently of the compiled kernels' rolling and b
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from goldfish_ds.config import GoldfishConfig
@@ -61,9 +63,11 @@ def _windows(rows: torch.Tensor, cfg: GoldfishConfig) -> tuple[torch.Tensor, tor
     return rows[:, idx.clamp(min=0)], (end - cfg.h + 1 >= 0)
 
 
-def reference_goldfish_mask(labels: torch.Tensor, cfg: GoldfishConfig, step: int = 0) -> torch.Tensor:
+def reference_goldfish_mask(labels: torch.Tensor, cfg: GoldfishConfig, step: int = 0, *,
+                             window_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Same contract as goldfish_ds.goldfish_mask, written in plain torch."""
-    rows = labels.reshape(1, -1) if labels.dim() == 1 else labels
+    labels_rows = labels.reshape(1, -1) if labels.dim() == 1 else labels
+    rows = labels_rows if window_ids is None else window_ids.reshape(labels_rows.shape)
     B, T = rows.shape
     t = torch.arange(T, device=rows.device).expand(B, T)
     threshold64 = _MASK64 // cfg.k
@@ -91,7 +95,7 @@ def reference_goldfish_mask(labels: torch.Tensor, cfg: GoldfishConfig, step: int
                 hashed = _official_hashint32(product).to(torch.float32)
                 dropped = hashed < torch.tensor(((1 << 32) - 1) / cfg.k, dtype=torch.float32)
         dropped = dropped & inside
-    dropped = dropped & (rows != cfg.ignore_index)
+    dropped = dropped & (rows != cfg.ignore_index) & (labels_rows != cfg.ignore_index)
     if cfg.exempt_ids:
-        dropped = dropped & ~torch.isin(rows, torch.tensor(cfg.exempt_ids, device=rows.device))
+        dropped = dropped & ~torch.isin(labels_rows, torch.tensor(cfg.exempt_ids, device=rows.device))
     return dropped.reshape(labels.shape)

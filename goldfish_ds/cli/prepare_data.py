@@ -4,6 +4,17 @@ Each document is encoded, prefixed with BOS and followed by EOS when the tokeniz
 documents are concatenated into shards; docs_*.npy record where each starts. With --canary, those documents
 are instead placed one per row of seq_len + 1 positions (truncated to fit, padded), stored once in
 canary_rows.bin with their texts and exact ids in canary.jsonl, and served --canary_repeats times.
+
+SFT data (--format chat or prompt_response, .jsonl inputs): only the responses are supervised targets; the
+per-token supervision goes beside the token shards. chat: records {"messages": [{"role": "system"|"user"|
+"assistant", "content": ...}, ...]}, rendered by the tokenizer's chat template (an HF tokenizer directory with
+`chat_template`), or without one by the plain template: BOS, then per message "System: {content}\n" or
+"User: {content}\n", and for an assistant turn "Assistant: " then the supervised "{content}" and EOS.
+Supervised: each assistant turn's content and the marker that ends it. prompt_response: records {"prompt": ...,
+"response": ...}, written as BOS + prompt + response + EOS (the response and EOS supervised; put any separator at
+the end of the prompt). Each example fills its own row of --seq_len + 1 ids (an example longer than --seq_len ids
+is cut to its first --seq_len, counted in the printout; padding is never a target), or with --pack the examples
+are concatenated like documents (train with --goldfish_boundaries reset so masks restart after each EOS).
 """
 from __future__ import annotations
 
@@ -14,10 +25,13 @@ from typing import List, Optional
 from tqdm import tqdm
 
 from goldfish_ds.data import (
+    SFT_FORMATS,
     CanarySet,
     load_tokenizer,
     read_documents,
+    read_sft_examples,
     write_packed_shards,
+    write_sft_shards,
 )
 from goldfish_ds.data.sources import INPUT_FORMATS
 
@@ -35,11 +49,21 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--canary", nargs="+", default=[], help="canary documents, same formats as --input")
     parser.add_argument("--canary_repeats", type=int, default=1,
                         help="times the canary set appears in the dataset (default 1)")
-    parser.add_argument("--seq_len", type=int, help="training sequence length; required with --canary")
+    parser.add_argument("--format", choices=("text",) + SFT_FORMATS, default="text",
+                        help="text: documents for pretraining (default); chat / prompt_response: SFT records from "
+                        ".jsonl inputs, only the responses supervised (see above)")
+    parser.add_argument("--pack", action="store_true",
+                        help="SFT formats: concatenate the examples instead of one per row of --seq_len + 1")
+    parser.add_argument("--seq_len", type=int,
+                        help="training sequence length; required with --canary and with an SFT --format without --pack")
     parser.add_argument("--num_canary", type=int, help="use only the first N canary documents (default: all)")
     args = parser.parse_args(argv)
     if not args.input and not args.canary:
         parser.error("give --input, --canary, or both")
+    if args.format != "text":
+        return _prepare_sft(parser, args)
+    if args.pack:
+        parser.error("--pack applies only with --format chat or prompt_response")
     if args.canary and args.seq_len is None:
         parser.error("--canary needs --seq_len")
     if args.num_canary is not None and args.num_canary < 1:
@@ -64,6 +88,33 @@ def main(argv: Optional[List[str]] = None) -> None:
         c = manifest["canary"]
         print(f"wrote {c['num_docs']} canary documents ({c['num_truncated']} truncated to seq_len + 1 = "
               f"{c['seq_len'] + 1} tokens), repeated {c['repeats']} times")
+
+
+def _prepare_sft(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.canary or args.canary_repeats != 1 or args.num_canary is not None or args.text_field != "text":
+        parser.error(f"--canary, --canary_repeats, --num_canary and --text_field apply only with --format text, "
+                     f"not --format {args.format}")
+    if not args.input:
+        parser.error(f"--format {args.format} needs --input")
+    if args.pack == (args.seq_len is not None):
+        parser.error(f"--format {args.format}: give --seq_len (one example per row) or --pack, not "
+                     f"{'both' if args.pack else 'neither'}")
+    if args.seq_len is not None and args.seq_len < 1:
+        parser.error(f"--seq_len must be >= 1, got {args.seq_len}")
+    tok = load_tokenizer(args.tokenizer)
+    pad_id = next((i for i in (tok.pad_id, tok.eos_id) if i is not None), 0)
+    examples = tqdm(read_sft_examples(args.input, args.format, tok), desc="examples", unit="ex")
+    manifest = write_sft_shards(((e.ids, e.supervised) for e in examples), args.out, tok.vocab_size,
+                                sft_format=args.format, seq_len=args.seq_len, pad_id=pad_id,
+                                shard_tokens=args.shard_tokens)
+    sft = manifest["sft"]
+    layout = "packed" if args.pack else f"one per row of {args.seq_len} + 1"
+    print(f"wrote {sft['num_examples']} {args.format} examples ({layout}), {manifest['num_tokens']} tokens of which "
+          f"{sft['supervised_tokens']} supervised, in {len(manifest['shards'])} shard(s) of {manifest['dtype']} to "
+          f"{args.out}")
+    if not args.pack:
+        print(f"{sft['num_truncated']} examples longer than --seq_len {args.seq_len} cut to it "
+              f"({sft['num_truncated_to_nothing']} of them kept no supervised token)")
 
 
 if __name__ == "__main__":

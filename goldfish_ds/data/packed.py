@@ -10,6 +10,11 @@ Canary documents (the documents whose memorization an experiment measures) are n
 the start of its own row of seq_len + 1 positions, truncated to fit and padded with PADDING. The rows are
 stored once, in `canary_rows.bin` (int32, [num_docs, seq_len + 1]), with `canary.jsonl` (per document its
 text and the exact ids in its row), and the dataset serves the set `repeats` times after the packed rows.
+
+An SFT directory (write_sft_shards) is the same plus `supervised_00000.bin` ... beside the token shards (uint8,
+one per token: 1 where the token is a target that counts, the responses; listed in the manifest with their
+sha256) and the manifest's "sft" entry. Its examples are packed back to back, or each fills its own row
+(row_seq_len: the seq_len it was written for, then the only one it can be read with).
 """
 from __future__ import annotations
 
@@ -80,6 +85,68 @@ def _write_canary(root: Path, canary: CanarySet, vocab_size: int) -> dict:
             "num_truncated": sum(len(doc) > width for doc in canary.documents)}
 
 
+def _write_shards(root: Path, documents: Iterable[tuple[np.ndarray, np.ndarray | None]], dtype: np.dtype,
+                  shard_tokens: int, tail: tuple[np.ndarray, np.ndarray] | None = None) -> list[dict]:
+    """Shards of about shard_tokens tokens from (ids, supervised) pairs (supervised None: no supervision file);
+    `tail` (ids, supervised) ends every shard."""
+    shards: list[dict] = []
+    buffer: list[np.ndarray] = []
+    flags: list[np.ndarray] = []
+    starts: list[int] = []
+    count = 0
+
+    def flush() -> None:
+        nonlocal buffer, flags, starts, count
+        if not buffer:
+            return
+        if tail is not None:
+            buffer.append(tail[0])
+            flags.append(tail[1])
+            count += tail[0].size
+        index = len(shards)
+        tokens_path = root / f"tokens_{index:05d}.bin"
+        np.concatenate(buffer).astype(dtype).tofile(tokens_path)
+        np.save(root / f"docs_{index:05d}.npy", np.asarray(starts, dtype=np.int64))
+        shard = {"tokens": tokens_path.name, "docs": f"docs_{index:05d}.npy", "num_tokens": count,
+                 "num_docs": len(starts), "sha256": sha256_file(tokens_path)}
+        if flags:
+            supervised_path = root / f"supervised_{index:05d}.bin"
+            np.concatenate(flags).astype(np.uint8).tofile(supervised_path)
+            shard.update(supervised=supervised_path.name, supervised_sha256=sha256_file(supervised_path))
+        shards.append(shard)
+        buffer, flags, starts, count = [], [], [], 0
+
+    for ids, supervised in documents:
+        starts.append(count)
+        buffer.append(ids)
+        if supervised is not None:
+            flags.append(supervised)
+        count += ids.size
+        if count >= shard_tokens:
+            flush()
+    flush()
+    return shards
+
+
+def _write_manifest(root: Path, manifest: dict) -> None:
+    tmp = root / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, root / MANIFEST)  # atomic: a directory with a manifest is complete
+
+
+def _new_directory(out_dir: str) -> Path:
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MANIFEST).unlink(missing_ok=True)  # an old manifest must not describe half-rewritten files
+    return root
+
+
+def _manifest(dtype: np.dtype, vocab_size: int, shards: list[dict], **extra) -> dict:
+    return {"format": "goldfish_ds.packed/1", "dtype": dtype.name, "vocab_size": vocab_size, "shards": shards,
+            "num_tokens": sum(s["num_tokens"] for s in shards), "num_docs": sum(s["num_docs"] for s in shards),
+            **extra}
+
+
 def write_packed_shards(documents: Iterable[list[int]], out_dir: str, vocab_size: int,
                         shard_tokens: int = 1 << 26, canary: CanarySet | None = None) -> dict:
     """Write documents (lists of ids in [0, vocab_size)) as packed shards of about shard_tokens tokens.
@@ -87,41 +154,55 @@ def write_packed_shards(documents: Iterable[list[int]], out_dir: str, vocab_size
     With `canary`, also write its rows and texts (see the module docstring); the manifest's "canary" entry
     (None without) records seq_len, num_docs, repeats and num_truncated. Returns the manifest.
     """
-    root = Path(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / MANIFEST).unlink(missing_ok=True)  # an old manifest must not describe half-rewritten files
+    root = _new_directory(out_dir)
     dtype = _dtype_for(vocab_size)
-    shards: list[dict] = []
-    buffer: list[np.ndarray] = []
-    starts: list[int] = []
-    count = 0
+    shards = _write_shards(root, ((_checked_ids(doc, vocab_size), None) for doc in documents), dtype, shard_tokens)
+    manifest = _manifest(dtype, vocab_size, shards,
+                         canary=_write_canary(root, canary, vocab_size) if canary is not None else None)
+    _write_manifest(root, manifest)
+    return manifest
 
-    def flush() -> None:
-        nonlocal buffer, starts, count
-        if not buffer:
-            return
-        index = len(shards)
-        tokens_path = root / f"tokens_{index:05d}.bin"
-        np.concatenate(buffer).astype(dtype).tofile(tokens_path)
-        np.save(root / f"docs_{index:05d}.npy", np.asarray(starts, dtype=np.int64))
-        shards.append({"tokens": tokens_path.name, "docs": f"docs_{index:05d}.npy", "num_tokens": count,
-                       "num_docs": len(starts), "sha256": sha256_file(tokens_path)})
-        buffer, starts, count = [], [], 0
 
-    for doc in documents:
-        ids = _checked_ids(doc, vocab_size)
-        starts.append(count)
-        buffer.append(ids)
-        count += ids.size
-        if count >= shard_tokens:
-            flush()
-    flush()
-    manifest = {"format": "goldfish_ds.packed/1", "dtype": dtype.name, "vocab_size": vocab_size, "shards": shards,
-                "num_tokens": sum(s["num_tokens"] for s in shards), "num_docs": sum(s["num_docs"] for s in shards),
-                "canary": _write_canary(root, canary, vocab_size) if canary is not None else None}
-    tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, root / MANIFEST)  # atomic: a directory with a manifest is complete
+def write_sft_shards(examples: Iterable[tuple[list[int], list[bool]]], out_dir: str, vocab_size: int, *,
+                     sft_format: str, seq_len: int | None, pad_id: int, shard_tokens: int = 1 << 26) -> dict:
+    """Write SFT examples ((ids, supervised) pairs: supervised[i] says whether ids[i] is a target that counts) as
+    shards with a per-token supervision file each (see the module docstring).
+
+    seq_len None packs the examples back to back; otherwise each example fills its own row: cut to its first
+    seq_len ids when longer (counted as num_truncated), then padded with pad_id (unsupervised) to seq_len ids,
+    so that row r (ids [r seq_len, r seq_len + seq_len + 1)) holds example r and, last, the first id of the next
+    (unsupervised). The manifest's "sft" entry records sft_format, row_seq_len (seq_len), num_examples,
+    num_truncated, num_truncated_to_nothing (no supervised id left) and supervised_tokens. Returns the manifest.
+    """
+    if seq_len is not None and seq_len < 1:
+        raise ValueError(f"write_sft_shards: seq_len must be >= 1 or None (packed), got {seq_len}")
+    root = _new_directory(out_dir)
+    dtype = _dtype_for(vocab_size)
+    pad = _checked_ids([pad_id], vocab_size)
+    counts = {"num_examples": 0, "num_truncated": 0, "num_truncated_to_nothing": 0, "supervised_tokens": 0}
+
+    def rows() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for ids, supervised in examples:
+            ids, flags = _checked_ids(ids, vocab_size), np.asarray(supervised, dtype=bool)
+            if flags.shape != ids.shape:
+                raise ValueError(f"write_sft_shards: example {counts['num_examples']} has {ids.size} ids but "
+                                 f"{flags.size} supervision flags")
+            counts["num_examples"] += 1
+            if seq_len is not None:
+                if ids.size > seq_len:
+                    counts["num_truncated"] += 1
+                    counts["num_truncated_to_nothing"] += int(flags.any() and not flags[:seq_len].any())
+                    ids, flags = ids[:seq_len], flags[:seq_len]
+                ids = np.concatenate([ids, np.repeat(pad, seq_len - ids.size)])
+                flags = np.concatenate([flags, np.zeros(seq_len - flags.size, dtype=bool)])
+            counts["supervised_tokens"] += int(flags.sum())
+            yield ids, flags
+
+    tail = None if seq_len is None else (pad, np.zeros(1, dtype=bool))  # completes every shard's last row
+    shards = _write_shards(root, rows(), dtype, shard_tokens, tail)
+    manifest = _manifest(dtype, vocab_size, shards, canary=None,
+                         sft={"format": sft_format, "row_seq_len": seq_len, "pad_id": pad_id, **counts})
+    _write_manifest(root, manifest)
     return manifest
 
 
@@ -138,9 +219,10 @@ class PackedTokenDataset(torch.utils.data.Dataset):
     """Rows of seq_len + 1 token ids (int64) from a packed directory, memory-mapped.
 
     Rows [0, num_packed_rows) are the packed documents; then come the canary rows, the whole set once per
-    repeat, each holding one document from its first position and PADDING after it. verify=True checks every
-    file's sha256 against the manifest (reads everything once); the sizes are always checked, so a missing
-    or truncated file is a clear error before training starts.
+    repeat, each holding one document from its first position and PADDING after it. An SFT directory also
+    serves each row's supervision (supervised(row)); `sft` is its manifest entry (None for pretraining data).
+    verify=True checks every file's sha256 against the manifest (reads everything once); the sizes are always
+    checked, so a missing or truncated file is a clear error before training starts.
     """
 
     def __init__(self, data_dir: str, seq_len: int, verify: bool = False) -> None:
@@ -162,6 +244,17 @@ class PackedTokenDataset(torch.utils.data.Dataset):
             self._shards.append(tokens)
             self._first_row.append(self._first_row[-1] + max(0, (len(tokens) - 1) // seq_len))
         self.num_packed_rows = self._first_row[-1]
+        self.sft = self.manifest.get("sft")  # None for pretraining data
+        self._supervised = []
+        if self.sft is not None:
+            if self.sft["row_seq_len"] not in (None, seq_len):
+                raise ValueError(f"{data_dir!r} holds one SFT example per row of seq_len {self.sft['row_seq_len']}, "
+                                 f"not the requested seq_len {seq_len}: prepare the data again with --seq_len "
+                                 f"{seq_len} (or with --pack)")
+            for shard in self.manifest["shards"]:
+                path = root / shard["supervised"]
+                _check_file(path, shard["supervised_sha256"], verify, shard["num_tokens"])
+                self._supervised.append(np.memmap(path, dtype=np.uint8, mode="r"))
         self._canary, self._canary_repeats = None, 0
         canary = self.manifest.get("canary")
         if canary is not None:
@@ -178,14 +271,26 @@ class PackedTokenDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.num_packed_rows + (len(self._canary) * self._canary_repeats if self._canary is not None else 0)
 
-    def __getitem__(self, row: int) -> torch.Tensor:
+    def _locate(self, row: int) -> tuple[int, int]:
+        """(shard, first token) of a packed row."""
         if not 0 <= row < len(self):
             raise IndexError(f"row {row} out of range [0, {len(self)})")
-        if row >= self.num_packed_rows:
-            return torch.from_numpy(self._canary[(row - self.num_packed_rows) % len(self._canary)].astype(np.int64))
         shard = int(np.searchsorted(self._first_row, row, side="right")) - 1
-        start = (row - self._first_row[shard]) * self.seq_len
+        return shard, (row - self._first_row[shard]) * self.seq_len
+
+    def __getitem__(self, row: int) -> torch.Tensor:
+        if row >= self.num_packed_rows and 0 <= row < len(self):
+            return torch.from_numpy(self._canary[(row - self.num_packed_rows) % len(self._canary)].astype(np.int64))
+        shard, start = self._locate(row)
         return torch.from_numpy(self._shards[shard][start:start + self.seq_len + 1].astype(np.int64))
+
+    def supervised(self, row: int) -> torch.Tensor:
+        """bool [seq_len + 1]: whether each id of row `row` is a supervised target (SFT data; only meaningful
+        from position 1, the targets). Pretraining data: every id except PADDING."""
+        if self.sft is None or (row >= self.num_packed_rows and 0 <= row < len(self)):
+            return self[row] != PADDING
+        shard, start = self._locate(row)
+        return torch.from_numpy(self._supervised[shard][start:start + self.seq_len + 1].astype(bool))
 
 
 @dataclass

@@ -33,6 +33,25 @@ def read_documents(paths: Iterable[str], text_field: str = "text") -> Iterator[s
         yield from (text for text in texts if text)
 
 
+def read_records(paths: Iterable[str]) -> Iterator[tuple[str, dict]]:
+    """Yield ("FILE:LINE", record) for every JSON object of the .jsonl inputs (blank lines skipped)."""
+    for name in paths:
+        path, _ = _resolve(name)
+        if path.suffix != ".jsonl" or not path.is_file():
+            raise ValueError(f"input {name!r}: records (chat, prompt_response) are read from .jsonl files only")
+        with path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{name}:{number}: not a JSON object ({error})") from None
+                if not isinstance(record, dict):
+                    raise ValueError(f"{name}:{number}: not a JSON object, got {type(record).__name__}")
+                yield f"{name}:{number}", record
+
+
 def builtin_documents() -> list[str]:
     """The 79 help topics bundled with Python (`pydoc_data.topics`), sorted by topic name: a default corpus."""
     from pydoc_data.topics import topics

@@ -52,6 +52,17 @@ class Tokenizer:
         suffix = [self.eos_id] if self.eos_id is not None else []
         return prefix + self.encode(text) + suffix
 
+    @property
+    def chat_template(self) -> str | None:
+        """The HF tokenizer's Jinja chat template; None for sentencepiece models and HF tokenizers without one."""
+        return getattr(self._hf, "chat_template", None) if self._hf is not None else None
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        """`messages` ([{"role", "content"}, ...]) rendered as text by the chat template (see chat_template)."""
+        if self.chat_template is None:
+            raise ValueError(f"tokenizer {self.path} has no chat template")
+        return self._hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
     def decode(self, ids: list[int]) -> str:
         return self._sp.decode(ids) if self._sp is not None else self._hf.decode(ids)
 

@@ -76,6 +76,7 @@ def vocab_parallel_goldfish_cross_entropy(
     return_stats: bool = False,
     check_labels_match: bool = False,
     vocab_size: Optional[int] = None,
+    window_ids: Optional[torch.Tensor] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, GoldfishStats]]:
     """goldfish_cross_entropy for logits split over the vocabulary across the ranks of `group`.
 
@@ -88,6 +89,7 @@ def vocab_parallel_goldfish_cross_entropy(
     single shard holding the whole vocabulary, with no communication).
     check_labels_match: debug mode: one more all-reduce (of 2 integers) verifies that every rank holds the
     same labels, and raises ValueError if not (different labels would silently mix unrelated rows).
+    window_ids: the ids the mask's hash windows are read from (SFT), the same on every rank; see goldfish_mask.
     The other arguments and the result are those of goldfish_ds.goldfish_cross_entropy; the loss and its
     statistics are identical on every rank, and each rank's gradient is its own slice.
     """
@@ -114,7 +116,10 @@ def vocab_parallel_goldfish_cross_entropy(
         padding = f", padded to {padded} for {world} shards of {shard}" if vocab < padded else ""
         raise ValueError(f"vocab_parallel_goldfish_cross_entropy: labels must be in [0, {vocab}) (vocab_size "
                          f"{vocab}{padding}) or ignore_index={ignore_index}; found {flat_labels[bad][0].item()}")
-    dropped = goldfish_mask(labels, cfg, step).reshape(-1) if cfg is not None else torch.zeros_like(valid)
+    if cfg is None:
+        dropped = torch.zeros_like(valid)
+    else:
+        dropped = goldfish_mask(labels, cfg, step, window_ids=window_ids).reshape(-1)
     kept = valid & ~dropped
     start = rank * shard
     local_labels = torch.where((flat_labels >= start) & (flat_labels < start + shard), flat_labels - start, -1)

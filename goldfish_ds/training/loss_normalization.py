@@ -18,12 +18,14 @@ from goldfish_ds.mask import goldfish_mask
 LOSS_NORMALIZATIONS = ("micro_batch", "global_tokens")
 
 
-def kept_targets(labels: torch.Tensor, cfg: Optional[GoldfishConfig], ignore_index: int, step: int) -> torch.Tensor:
+def kept_targets(labels: torch.Tensor, cfg: Optional[GoldfishConfig], ignore_index: int, step: int,
+                 window_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """How many targets of labels [B, T] the loss keeps (not ignore_index, not dropped by the goldfish mask of
-    `step`; cfg=None: no drops), as the goldfish losses decide: an int64 0-dim tensor on labels' device."""
+    `step`, hashed over window_ids when given; cfg=None: no drops), as the goldfish losses decide: an int64 0-dim
+    tensor on labels' device."""
     kept = labels.ne(ignore_index)
     if cfg is not None:
-        kept &= ~goldfish_mask(labels, cfg, step)
+        kept &= ~goldfish_mask(labels, cfg, step, window_ids=window_ids)
     return kept.sum()
 
 

@@ -242,12 +242,24 @@ class Job:
             return self.checkpoints.save(self.engine, self.step, self.client_state())
 
     # ---- steps --------------------------------------------------------------------------------------
-    def _batch(self, rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and labels [B, seq_len] from B rows of seq_len + 1 ids; negative ids (PADDING) are not targets."""
+    def _batch(self, rows: list[torch.Tensor], supervised: list[torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Inputs, labels and window_ids [B, seq_len] from B rows of seq_len + 1 ids; negative ids (PADDING) are not
+        targets. SFT data: `supervised` (each row's PackedTokenDataset.supervised) makes every other target -100 in
+        labels, and window_ids are the row's shifted ids (the goldfish mask hashes those); otherwise None."""
         tokens = torch.stack(rows).to(self.device)
-        labels = tokens[:, 1:]
-        labels = torch.where(labels < 0, self.ignore_index, labels)  # canary rows' tails, validation filler rows
-        return tokens[:, :-1].clamp_min(0), labels
+        targets = tokens[:, 1:]
+        not_targets = targets < 0  # canary rows' tails, validation filler rows
+        if supervised is not None:
+            not_targets |= ~torch.stack(supervised).to(self.device)[:, 1:]
+        labels = torch.where(not_targets, self.ignore_index, targets)
+        return tokens[:, :-1].clamp_min(0), labels, targets if supervised is not None else None
+
+    def _read_batch(self, dataset: PackedTokenDataset, rows: list[int]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """_batch of these rows of `dataset`, with their supervision when it is SFT data."""
+        supervised = [dataset.supervised(row) for row in rows] if dataset.sft is not None else None
+        return self._batch([dataset[row] for row in rows], supervised)
 
     def _forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """This rank's vocabulary slice of the logits of inputs [B, T]; under --document_attention each packed
@@ -263,14 +275,15 @@ class Job:
         lr = self.engine.get_lr()[0]
         # This rank's rows, its micro-batches and whether each one's loss was finite.
         batches = [[next(rows) for _ in range(self.micro_batch)] for _ in range(self.accumulation)]
-        micro_batches = [self._batch([self.train_set[row] for row in batch]) for batch in batches]
+        micro_batches = [self._read_batch(self.train_set, batch) for batch in batches]
         reduction, loss_scale = self._loss_reduction_and_scale(micro_batches)
         finite = []
-        for inputs, labels in micro_batches:
+        for inputs, labels, window_ids in micro_batches:
             local_logits = self._forward(inputs)
             loss, stats = vocab_parallel_goldfish_cross_entropy(local_logits, labels, self.goldfish,
                                                                 reduction=reduction, step=self.step, return_stats=True,
-                                                                vocab_size=self.model_cfg.vocab_size)
+                                                                vocab_size=self.model_cfg.vocab_size,
+                                                                window_ids=window_ids)
             loss = maybe_poison_loss(loss * loss_scale, self.step + 1)
             finite.append(torch.isfinite(loss.detach()))
             # x 1 where finite (exact); x NaN otherwise, so that DeepSpeed's gradient-norm check skips the step on
@@ -297,14 +310,15 @@ class Job:
                 "input_tokens": self.input_tokens, "supervised_tokens": self.supervised_tokens,
                 "step_input_tokens": int(inputs_seen)}
 
-    def _loss_reduction_and_scale(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]
+    def _loss_reduction_and_scale(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
                                   ) -> tuple[str, torch.Tensor | float]:
         """The reduction of each micro-batch's loss and the factor it is multiplied by, per --loss_normalization:
         the mean over the micro-batch's kept targets x 1, or their sum x the global_tokens scale, from the kept
         count of the global batch (one all-reduce of one integer over the data-parallel group)."""
         if self.args.loss_normalization == "micro_batch":
             return "mean", 1.0
-        kept = sum(kept_targets(labels, self.goldfish, self.ignore_index, self.step) for _, labels in micro_batches)
+        kept = sum(kept_targets(labels, self.goldfish, self.ignore_index, self.step, window_ids)
+                   for _, labels, window_ids in micro_batches)
         dist.all_reduce(kept, group=data_parallel_group())
         return "sum", global_tokens_loss_scale(kept, self.accumulation,
                                                self.dp_size if self.engine.gradient_average else 1)
@@ -327,7 +341,8 @@ class Job:
 
     @torch.no_grad()
     def validation_loss(self) -> float:
-        """Mean standard (not goldfish) loss over every target of the first --eval_rows validation rows.
+        """Mean standard (not goldfish) loss over every target (SFT data: every supervised one) of the first
+        --eval_rows validation rows.
 
         Row i goes to data-parallel rank i % dp_size. Every rank runs the same number of micro-batches
         (under ZeRO-3 each forward gathers parameters with collectives), filled up with PADDING rows that
@@ -340,8 +355,12 @@ class Job:
         padding = torch.full((self.args.seq_len + 1,), PADDING, dtype=torch.int64)
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, targets
         for first in range(0, passes * self.micro_batch, self.micro_batch):
-            rows = [self.val_set[row] for row in mine[first:first + self.micro_batch]]
-            inputs, labels = self._batch(rows + [padding] * (self.micro_batch - len(rows)))
+            rows = list(mine[first:first + self.micro_batch])
+            fill = self.micro_batch - len(rows)
+            no_target = torch.zeros_like(padding, dtype=torch.bool)
+            supervised = ([self.val_set.supervised(row) for row in rows] + [no_target] * fill
+                          if self.val_set.sft is not None else None)
+            inputs, labels, _ = self._batch([self.val_set[row] for row in rows] + [padding] * fill, supervised)
             loss = vocab_parallel_goldfish_cross_entropy(self._forward(inputs), labels, None, reduction="sum",
                                                          in_place=False, vocab_size=self.model_cfg.vocab_size)
             sums += torch.stack([loss.double(), labels.ne(self.ignore_index).sum().double()])
