@@ -6,12 +6,16 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from distributed import run_distributed
 from test_training import ds_config, launch, records, train_args
 
 from goldfish_ds.data import CanarySet, builtin_documents, load_tokenizer, train_sentencepiece, write_packed_shards
-from goldfish_ds.eval import extract, load_model, make_documents, read_records, summarize_extraction
+from goldfish_ds.eval import extract, generate_suffixes, load_model, make_documents, read_records, summarize_extraction
+from goldfish_ds.models import llama_from_hf
+from goldfish_ds.parallel import destroy_model_parallel, initialize_model_parallel
 from goldfish_ds.training.arguments import parse_args
-from goldfish_ds.training.memorization import memorization_canaries
+from goldfish_ds.training.memorization import greedy_suffixes, memorization_canaries
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ_LEN, SUFFIX, STEPS, INTERVAL = 32, 12, 20, 10
@@ -89,6 +93,25 @@ def test_the_evaluation_leaves_training_unchanged(runs):
     strip = lambda run: [{k: v for k, v in r.items() if k not in TRAIN_ONLY} for r in records(run)]  # noqa: E731
     assert strip(evaluated) == strip(plain) and len(strip(plain)) == STEPS
     assert records(evaluated, "val") == records(plain, "val")
+
+
+def _decode_in_tensor_parallel(rank: int, world_size: int, hf_dir: str, prompts: list, expected: list) -> None:
+    initialize_model_parallel(world_size)
+    try:
+        model = llama_from_hf(hf_dir).eval()  # this rank's vocabulary slice of the logits
+        assert greedy_suffixes(model, prompts, SUFFIX, torch.device("cpu")) == expected
+    finally:
+        destroy_model_parallel()
+
+
+def test_right_padded_decoding_equals_hf_generate(corpus, runs):
+    """Prompts of 1 to 21 tokens in one right-padded batch decode across the vocabulary slices of 2 TP ranks as
+    HF generate decodes them (left-padded, KV cache) with the step-20 export."""
+    evaluated, _ = runs
+    ids = [r["ids"] for r in read_records(str(corpus / "train" / "canary.jsonl"))]
+    prompts = [ids[0][:21], ids[1][:1], ids[2][:9], ids[3][:16], ids[4][:4]]
+    expected = generate_suffixes(load_model(evaluated / "hf"), prompts, SUFFIX)
+    run_distributed(_decode_in_tensor_parallel, 2, str(evaluated / "hf"), prompts, expected)
 
 
 def test_canaries_default_to_the_training_data(corpus):

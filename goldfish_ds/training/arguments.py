@@ -138,15 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
                           "fewer), split across the data-parallel ranks; the same rows, and the same loss, for any "
                           "number of ranks, tensor parallelism and batch sizes")
     log.add_argument("--memorization_eval_interval", type=int, default=0, metavar="N",
-                     help="every N steps (and at the last) extract each document of --memorization_data with the "
-                          "protocol of goldfish-evaluate-memorization: prompt with all but its last "
+                     help="every N steps (and at the last step) extract each document of --memorization_data with "
+                          "the protocol of goldfish-evaluate-memorization: prompt with all but its last "
                           "--memorization_suffix_len tokens, decode that many greedily with the job's model (ZeRO-3 "
                           "and TP as trained), and log a 'memorization' record (exact_match_rate, token_match_mean, "
                           "longest_run_mean, rougeL_mean, num_docs, seconds; per document in "
-                          "out_dir/memorization/step_N.jsonl). No KV cache: each evaluation runs n forward passes of "
-                          "every batch of micro-batch size (ceil(docs / data-parallel ranks / micro-batch) batches "
-                          "per rank), about n/3 training steps' compute per batch; minutes per evaluation for a 7B "
-                          "model. 0: never")
+                          "out_dir/memorization/step_N.jsonl). No KV cache: an evaluation runs "
+                          "--memorization_suffix_len forward passes of each of its ceil(docs / data-parallel ranks / "
+                          "micro-batch) batches per rank, each about a third of a training micro-batch's forward + "
+                          "backward; minutes per evaluation for a 7B model. 0: never")
     log.add_argument("--memorization_data", default=None, metavar="JSONL",
                      help="documents for --memorization_eval_interval: a canary.jsonl of goldfish-prepare-data "
                           "--canary (per document its text and exact ids) or a JSONL of records with \"text\" "
