@@ -194,6 +194,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("warmup_steps", "eval_interval", "memorization_eval_interval"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.memorization_eval_interval and find_spec("rouge_score") is None:
+        raise ValueError("--memorization_eval_interval scores RougeL with the rouge-score package: pip install "
+                         "rouge-score (or goldfish_ds[eval])")
     if args.memorization_data is not None and not args.memorization_eval_interval:
         raise ValueError("--memorization_data is read only by the evaluation of --memorization_eval_interval N: give "
                          "N >= 1 too")

@@ -3,8 +3,8 @@
 Every --memorization_eval_interval steps each document (by default the canaries of the training data, with the
 exact ids they were trained on) is split as the evaluation splits it (split_document: prompt = all but the last
 n tokens), the n tokens after the prompt are decoded greedily by the job's own model, in its own layout, and the
-results are scored by the evaluation's functions (score_extraction, summarize_extraction). The numbers are those
-of `goldfish-evaluate-memorization` on an HF export of the same step.
+results are scored by the evaluation's functions (score_extraction, summarize_extraction): in fp32 the tokens and
+numbers are those of `goldfish-evaluate-memorization` (HF generate) on an HF export of the same step.
 
 Decoding is plain: no KV cache. Prompts are right-padded into a batch, and at decode step i the next token of
 row r is the argmax at position len_r + i - 1 (causal attention: the padding after it cannot change it); the
