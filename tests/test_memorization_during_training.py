@@ -14,7 +14,7 @@ from goldfish_ds.training.arguments import parse_args
 from goldfish_ds.training.memorization import memorization_canaries
 
 REPO = Path(__file__).resolve().parents[1]
-SEQ_LEN, SUFFIX, STEPS, INTERVAL = 32, 12, 20, 10
+SEQ_LEN, SUFFIX, STEPS, INTERVAL = 32, 12, 30, 15
 TRAIN_ONLY = ("tokens_per_s", "step_time_s", "tflops_per_s", "mfu")  # wall-clock numbers of a train record
 
 
@@ -35,17 +35,17 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def job_args(corpus: Path, out: Path, *extra: str) -> list:
-    """TP=2 x DP=2 (4 ranks), micro-batch 2 x 2 accumulation steps, lr 1e-2; the HF export at the end unless
+    """TP=2 x DP=2 (4 ranks), micro-batch 2 x 2 accumulation steps, lr 3e-3; the HF export at the end unless
     `extra` says --no-export_hf."""
     args = train_args(corpus, out, ds_config(out.parent / f"{out.name}_ds.json", 2, 2), "--tensor_parallel", "2",
-                      "--seq_len", str(SEQ_LEN), "--max_steps", str(STEPS), "--save_interval", "100", "--lr", "1e-2",
-                      "--min_lr", "1e-3")
+                      "--seq_len", str(SEQ_LEN), "--max_steps", str(STEPS), "--save_interval", "100", "--lr", "3e-3",
+                      "--min_lr", "3e-4")
     return [a for a in args if a != "--no-export_hf"] + list(extra)
 
 
 @pytest.fixture(scope="module")
 def runs(corpus, tmp_path_factory) -> tuple[Path, Path]:
-    """The same job with the evaluation every 10 steps and without it (torchrun, 4 ranks each)."""
+    """The same job with the evaluation every 15 steps and without it (torchrun, 4 ranks each)."""
     root = tmp_path_factory.mktemp("memorization_runs")
     evaluated, plain = root / "evaluated", root / "plain"
     launch("torchrun", 4, job_args(corpus, evaluated, "--memorization_eval_interval", str(INTERVAL),
@@ -55,14 +55,14 @@ def runs(corpus, tmp_path_factory) -> tuple[Path, Path]:
 
 
 def test_records_equal_the_evaluation_of_the_hf_export(corpus, runs):
-    """The step-20 record, document by document, equals goldfish_ds.eval's greedy extraction (HF generate, KV
-    cache, left padding) on the job's HF export of step 20. The 5 canaries (prompts of 21, 21, 11, 9 and 1 tokens)
+    """The step-30 record, document by document, equals goldfish_ds.eval's greedy extraction (HF generate, KV
+    cache, left padding) on the job's HF export of step 30. The 5 canaries (prompts of 21, 21, 11, 9 and 1 tokens)
     go to the 2 data-parallel ranks as 3 + 2, decoded right-padded in batches of 2 that mix prompt lengths, the
-    second rank decoding a filler row in its second batch, and across the vocabulary slices of 2 TP ranks; more
-    of their suffix tokens are reproduced at step 20 than at step 10."""
+    second rank decoding a filler row in its second batch, and across the vocabulary slices of 2 TP ranks. The
+    model starts memorizing: more suffix tokens reproduced at step 30 than at step 15, and a whole suffix."""
     evaluated, _ = runs
     memorization = records(evaluated, "memorization")
-    assert [r["step"] for r in memorization] == [10, 20]
+    assert [r["step"] for r in memorization] == [15, 30]
     assert all(r["num_docs"] == 5 and r["suffix_len"] == SUFFIX for r in memorization)
     trained = read_records(str(corpus / "train" / "canary.jsonl"))
     assert sorted(len(r["ids"]) - SUFFIX for r in trained) == [1, 9, 11, 21, 21]
@@ -74,6 +74,7 @@ def test_records_equal_the_evaluation_of_the_hf_export(corpus, runs):
     summary = summarize_extraction(reference)
     assert {key: memorization[-1][key] for key in summary} == summary
     assert memorization[-1]["token_match_mean"] > memorization[0]["token_match_mean"] > 0
+    assert memorization[-1]["exact_match_rate"] > 0
 
 
 def test_tensorboard_has_the_memorization_scalars(runs):
