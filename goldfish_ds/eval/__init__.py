@@ -23,6 +23,7 @@ from goldfish_ds.eval.extraction import (
     generate_suffixes,
     longest_match_run,
     rouge_l,
+    score_extraction,
     split_document,
     summarize_extraction,
     token_match_fraction,
@@ -45,6 +46,6 @@ __all__ = [
     "MembershipResult", "decode_text", "divergence", "document_scores", "evaluate_models", "extract",
     "find_tokenizer", "first_divergence", "generate_suffixes", "load_model", "load_model_tokenizer",
     "longest_match_run", "make_documents", "membership_inference", "min_k_mean", "read_records", "roc_auc",
-    "rouge_l", "split_document", "suffix_dropped", "summarize_extraction", "summary_markdown",
+    "rouge_l", "score_extraction", "split_document", "suffix_dropped", "summarize_extraction", "summary_markdown",
     "token_log_probs", "token_match_fraction", "tpr_at_fpr", "write_report",
 ]

@@ -86,6 +86,18 @@ def split_document(ids: Sequence[int], n: int, prefix_len: int | None = None) ->
     return (list(ids[:prefix_len]), list(ids[prefix_len:prefix_len + n])) if len(ids) >= prefix_len + n else None
 
 
+def score_extraction(index: int, prompt_length: int, generated: list[int], truth: list[int],
+                     tokenizer: Tokenizer | None) -> ExtractionResult:
+    """One document's extraction metrics from its decoded and true suffixes (equal lengths); `tokenizer`
+    decodes the texts for RougeL (ids as numbers without it)."""
+    generated_text, truth_text = decode_text(generated, tokenizer), decode_text(truth, tokenizer)
+    return ExtractionResult(
+        index=index, prompt_length=prompt_length, generated=generated, truth=truth, exact_match=generated == truth,
+        token_match=token_match_fraction(generated, truth), longest_run=longest_match_run(generated, truth),
+        first_divergence=first_divergence(generated, truth), rougeL=rouge_l(generated_text, truth_text),
+        generated_text=generated_text, truth_text=truth_text)
+
+
 @torch.no_grad()
 def generate_suffixes(model: torch.nn.Module, prompts: Sequence[Sequence[int]], n: int,
                       num_beams: int = 1) -> list[list[int]]:
@@ -132,12 +144,7 @@ def extract(model: torch.nn.Module, documents: Sequence[Document], n: int = 50, 
         batch = jobs[start:start + batch_size]
         generated = generate_suffixes(model, [prompt for _, (prompt, _) in batch], n, num_beams)
         for (doc, (prompt, truth)), gen in zip(batch, generated):
-            generated_text, truth_text = decode_text(gen, tokenizer), decode_text(truth, tokenizer)
-            results[doc.index] = ExtractionResult(
-                index=doc.index, prompt_length=len(prompt), generated=gen, truth=truth, exact_match=gen == truth,
-                token_match=token_match_fraction(gen, truth), longest_run=longest_match_run(gen, truth),
-                first_divergence=first_divergence(gen, truth), rougeL=rouge_l(generated_text, truth_text),
-                generated_text=generated_text, truth_text=truth_text)
+            results[doc.index] = score_extraction(doc.index, len(prompt), gen, truth, tokenizer)
         bar.update(len(batch))
     bar.close()
     return [results[doc.index] for doc, s in splits if s is not None]

@@ -150,6 +150,22 @@ def build_parser() -> argparse.ArgumentParser:
                      help="validation rows per validation pass: the first N of --val_data (all of them if it has "
                           "fewer), split across the data-parallel ranks; the same rows, and the same loss, for any "
                           "number of ranks, tensor parallelism and batch sizes")
+    log.add_argument("--memorization_eval_interval", type=int, default=0, metavar="N",
+                     help="every N steps (and at the last step) extract each document of --memorization_data with "
+                          "the protocol of goldfish-evaluate-memorization: prompt with all but its last "
+                          "--memorization_suffix_len tokens, decode that many greedily with the job's model (ZeRO-3 "
+                          "and TP as trained), and log a 'memorization' record (exact_match_rate, token_match_mean, "
+                          "longest_run_mean, rougeL_mean, num_docs, seconds; per document in "
+                          "out_dir/memorization/step_N.jsonl). No KV cache: an evaluation runs "
+                          "--memorization_suffix_len forward passes of each of its ceil(docs / data-parallel ranks / "
+                          "micro-batch) batches per rank, each about a third of a training micro-batch's forward + "
+                          "backward; minutes per evaluation for a 7B model. 0: never")
+    log.add_argument("--memorization_data", default=None, metavar="JSONL",
+                     help="documents for --memorization_eval_interval: a canary.jsonl of goldfish-prepare-data "
+                          "--canary (per document its text and exact ids) or a JSONL of records with \"text\" "
+                          "(tokenized as BOS + text); default: the canary.jsonl of --data")
+    log.add_argument("--memorization_suffix_len", type=int, default=50, metavar="n",
+                     help="tokens decoded and compared per document (the evaluation's n, 50 in the paper)")
     log.add_argument("--save_interval", type=int, default=100, help="steps between checkpoints (and at the end)")
     log.add_argument("--keep_checkpoints", type=int, default=2, help="complete checkpoints kept on disk")
     log.add_argument("--export_hf", action=argparse.BooleanOptionalAction, default=True,
@@ -185,12 +201,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.set_defaults(**values)
         args = parser.parse_args(argv)
     for name in ("max_steps", "seq_len", "tensor_parallel", "log_interval", "eval_rows", "save_interval",
-                 "keep_checkpoints", "max_skipped_steps"):
+                 "keep_checkpoints", "max_skipped_steps", "memorization_suffix_len"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("warmup_steps", "eval_interval"):
+    for name in ("warmup_steps", "eval_interval", "memorization_eval_interval"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.memorization_eval_interval and find_spec("rouge_score") is None:
+        raise ValueError("--memorization_eval_interval scores RougeL with the rouge-score package: pip install "
+                         "rouge-score (or goldfish_ds[eval])")
+    if args.memorization_data is not None and not args.memorization_eval_interval:
+        raise ValueError("--memorization_data is read only by the evaluation of --memorization_eval_interval N: give "
+                         "N >= 1 too")
     if args.reshard and not (args.resume or args.resume_from):
         raise ValueError("--reshard converts the checkpoint that --resume loads: give --resume too")
     if args.verify_checkpoint and not (args.resume or args.resume_from):

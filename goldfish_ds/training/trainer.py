@@ -56,6 +56,7 @@ from goldfish_ds.training.export import export_hf
 from goldfish_ds.training.faults import maybe_crash, maybe_hold, maybe_poison_loss
 from goldfish_ds.training.flops import device_peak_tflops, step_throughput, training_flops_per_token
 from goldfish_ds.training.loss_normalization import global_tokens_loss_scale, kept_targets
+from goldfish_ds.training.memorization import MemorizationEvaluation, memorization_canaries
 from goldfish_ds.training.metrics import HostMemoryPhases, MetricsLogger
 from goldfish_ds.training.optim import adamw, lr_scheduler
 from goldfish_ds.training.partitions import load_hf_into_partitions
@@ -124,6 +125,12 @@ class Job:
         self.document_eos = self._document_eos(tokenizer)
         self.goldfish: GoldfishConfig | None = goldfish_config(args, tokenizer.special_ids if tokenizer else ())
         self.ignore_index = self.goldfish.ignore_index if self.goldfish else -100
+        self.memorization = None
+        if args.memorization_eval_interval:
+            canaries = memorization_canaries(args.memorization_data, self.data_dir, args.memorization_suffix_len,
+                                             tokenizer)
+            self.memorization = MemorizationEvaluation(canaries, args.memorization_suffix_len, self.micro_batch,
+                                                       tokenizer, self.device)
 
         global_batch = self.micro_batch * self.accumulation * self.dp_size
         if len(self.train_set) < global_batch:
@@ -443,6 +450,10 @@ class Job:
             if self.val_set is not None and args.eval_interval and (self.step % args.eval_interval == 0
                                                                     or self.step == args.max_steps):
                 logger.log({"kind": "val", "step": self.step, "val_loss": self.validation_loss()})
+            if self.memorization is not None and (self.step % args.memorization_eval_interval == 0
+                                                  or self.step == args.max_steps):
+                if (record := self.memorization.evaluate(self.engine, self.step, self.out_dir)) is not None:
+                    logger.log(record)  # rank 0's
             if self.step % args.save_interval == 0 or self.step == args.max_steps:
                 logger.write(f"step {self.step}: checkpoint {self.checkpoints.root / self.save()}")
                 saved = self.step
