@@ -151,6 +151,8 @@ BAD_CONFIGS = [  # (ExperimentConfig fields, with "START" for an HF Llama direct
     ({"nproc_per_node": 2}, ValueError, "launcher 'none' runs one process; nproc_per_node 2 needs launcher"),
     ({"launcher": "mpirun", "nproc_per_node": 4, "tensor_parallel": 3}, ValueError,
      "tensor_parallel (3) must divide nproc_per_node (4)"),
+    ({"launcher": "mpirun", "nproc_per_node": 4, "tensor_parallel": 4}, ValueError,
+     "tensor_parallel (4) must divide the model's num_key_value_heads (2"),
     ({"launcher": "torchrun", "nproc_per_node": 4, "num_docs": 8, "micro_batch": 4}, ValueError,
      "num_docs (8) must be a multiple of the global batch (16"),
     ({"tensor_parallel": 0}, ValueError, "tensor_parallel must be >= 1, got 0"),

@@ -12,7 +12,7 @@ then DIR itself. The defaults (32 documents of the built-in corpus, tiny model, 
 under 15 minutes on 2 CPU cores. The paper's setting (Llama-2-7B, 100 Wikipedia articles, 100 epochs, k = 3, 4,
 8, 32, 128 at h = 13, 30 beams) on 8 GPUs:
 
-  goldfish-memorization-experiment --init_from_hf meta-llama/Llama-2-7b-hf-dir --data wiki.jsonl \\
+  goldfish-memorization-experiment --init_from_hf Llama-2-7b-hf --data wiki.jsonl \\
       --num_docs 100 --num_heldout 100 --seq_len 2048 --epochs 100 --launcher deepspeed --nproc_per_node 8 \\
       --tensor_parallel 2 --micro_batch 1 --lr 2e-5 --min_lr 2e-6 --goldfish 3,13 4,13 8,13 32,13 128,13 \\
       --beams 30 --pretrain_args "--activation_checkpointing" --out exp7b

@@ -114,6 +114,9 @@ class ExperimentConfig:
         if self.seq_len > model.max_position_embeddings:
             raise ValueError(f"ExperimentConfig: seq_len ({self.seq_len}) exceeds the model's "
                              f"max_position_embeddings ({model.max_position_embeddings}, {self.model_config_path})")
+        if model.num_key_value_heads % self.tensor_parallel:
+            raise ValueError(f"ExperimentConfig: tensor_parallel ({self.tensor_parallel}) must divide the model's "
+                             f"num_key_value_heads ({model.num_key_value_heads}, {self.model_config_path})")
         if self.num_docs % self.global_batch:
             raise ValueError(f"ExperimentConfig: num_docs ({self.num_docs}) must be a multiple of the global batch "
                              f"({self.global_batch} = micro-batch x gradient accumulation x data-parallel size "
