@@ -6,8 +6,8 @@
 #     for 100 epochs, then the sweep k = 3, 4, 8, 32, 128 at h = 13 for 40 epochs, each evaluated with the base
 #     itself as the control; articles 32..63 held out.
 # Run from the repository root with the package installed (pip install -e ".[train,eval]"). OUT defaults to
-# runs/memorization_from_pretrained. On the loaded 2-core machine of the README's table the base took about 10
-# minutes, a 100-epoch run about 10 (400 steps of 8 rows), a 40-epoch run about 3.
+# runs/memorization_from_pretrained. On the busy 2-core machine of the README's tables the base took 10.5 minutes,
+# the 100-epoch experiment 24 minutes and the 40-epoch sweep 31.
 set -euo pipefail
 WIKI=${WIKI:-../shared/data/wiki_dev.jsonl}
 OUT=${OUT:-runs/memorization_from_pretrained}
