@@ -97,17 +97,65 @@ def _plot_exact_match(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(results: dict, out_dir: str | Path, json_name: str = "results.json") -> list[Path]:
-    """Write results.json (or json_name), summary.md, rougeL_hist.png and exact_match.png into out_dir; returns
-    the paths."""
-    import matplotlib
+def _goldfish_k(run: dict) -> int | None:
+    """k of a run trained with the goldfish loss (the memorization experiment's "goldfish" entry), else None."""
+    return run["goldfish"]["k"] if run.get("goldfish") else None
 
-    matplotlib.use("Agg")  # files only, no display
+
+def _plot_against_k(results: dict, path: Path) -> None:
+    """The paper's figure: exact-match rate and RougeL of each goldfish run against k (log scale), one line per h
+    (dashed: beam search), the standard and control runs as horizontal reference lines."""
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
+    goldfish = sorted((r["goldfish"]["h"], r["goldfish"]["k"], r) for r in runs.values() if _goldfish_k(r))
+    ks = sorted({k for _, k, _ in goldfish})
+    fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.4))
+    for ax, key, label in ((axes[0], "exact_match_rate", "exact match rate"), (axes[1], "rougeL_mean", "RougeL")):
+        for h in sorted({h for h, _, _ in goldfish}):
+            points = [(k, r) for hh, k, r in goldfish if hh == h]
+            ax.plot([k for k, _ in points], [r[key] or 0.0 for _, r in points], "o-", label=f"goldfish h={h}")
+            beams = [(k, r["beam"][key] or 0.0) for k, r in points if "beam" in r]
+            if beams:
+                ax.plot(*zip(*beams), "s--", label=f"goldfish h={h}, {points[0][1]['beam']['num_beams']} beams")
+        for (name, run), color in zip(((n, r) for n, r in runs.items() if not _goldfish_k(r)),
+                                      ("tab:red", "tab:gray", "tab:purple", "tab:brown")):
+            ax.axhline(run[key] or 0.0, color=color, linestyle="-", linewidth=1, label=name)
+            if "beam" in run:
+                ax.axhline(run["beam"][key] or 0.0, color=color, linestyle=":", linewidth=1,
+                           label=f"{name}, {run['beam']['num_beams']} beams")
+        ax.set_xscale("log")
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.minorticks_off()
+        ax.set_xlabel("goldfish k")
+        ax.set_ylabel(f"{label} ({results['config']['n']} tokens)")
+        ax.set_ylim(0, 1.02)
+    axes[1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(results: dict, out_dir: str | Path, json_name: str = "results.json") -> list[Path]:
+    """Write results.json (or json_name), summary.md and, when matplotlib is installed (the [eval] extra), the
+    plots rougeL_hist.png, exact_match.png and, when runs carry goldfish settings (the memorization
+    experiment), memorization_vs_k.png; summary.md names the plots written. Returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / json_name, out / "summary.md", out / "rougeL_hist.png", out / "exact_match.png"]
+    plots = [("rougeL_hist.png", _plot_rouge_histograms), ("exact_match.png", _plot_exact_match)]
+    if any(_goldfish_k(r) for r in results["runs"].values()):
+        plots.append(("memorization_vs_k.png", _plot_against_k))
+    try:
+        import matplotlib
+    except ImportError:
+        plots, note = [], "No plots: matplotlib is not installed (pip install \"goldfish_ds[eval]\")."
+    else:
+        matplotlib.use("Agg")  # files only, no display
+        note = "Plots: " + ", ".join(name for name, _ in plots) + "."
+    paths = [out / json_name, out / "summary.md"]
     paths[0].write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    paths[1].write_text(summary_markdown(results), encoding="utf-8")
-    _plot_rouge_histograms(results, paths[2])
-    _plot_exact_match(results, paths[3])
+    paths[1].write_text(summary_markdown(results) + "\n" + note + "\n", encoding="utf-8")
+    for name, plot in plots:
+        plot(results, out / name)
+        paths.append(out / name)
     return paths

@@ -236,7 +236,8 @@ def gloo_interface(master_addr: str, single_host: bool) -> str | None:
     return name
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port that was free a moment ago (for a rendezvous)."""
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
@@ -247,7 +248,7 @@ def _rank0_announces(launch: LaunchEnvironment, network_interface: str | None) -
     a world of one takes loopback and a free port."""
     if launch.launcher == "single":
         return replace(launch, master_addr=launch.master_addr or "127.0.0.1",
-                       master_port=launch.master_port or _free_port())
+                       master_port=launch.master_port or free_port())
     if launch.launcher not in MPI_LAUNCHERS:
         raise ValueError(f"{launch.launcher} gives no address of rank 0: set MASTER_ADDR and MASTER_PORT (or "
                          f"--master_addr / --master_port)")
@@ -269,7 +270,7 @@ def _rank0_announces(launch: LaunchEnvironment, network_interface: str | None) -
                 address = "127.0.0.1"  # every rank is on this host
             else:
                 address = reachable_address()
-            chosen = (address, launch.master_port or _free_port())
+            chosen = (address, launch.master_port or free_port())
         except ValueError as e:
             chosen = e  # every rank raises it, instead of waiting in the broadcast for an address
     chosen = comm.bcast(chosen, root=0)
