@@ -1,8 +1,9 @@
 """goldfish_ds.integrations.transformers with the real libraries: transformers' Trainer, TRL's SFTTrainer, PEFT
 LoRA and the Trainer's DeepSpeed ZeRO-3, on a tiny random LlamaForCausalLM for a few steps on CPU.
 
-References are computed apart from the trainers: goldfish_cross_entropy on the logits of a fresh copy of the
-initial weights, shifted the plain way (logits[:, :-1] against labels[:, 1:]), and torch's cross_entropy.
+References are computed apart from the trainers: torch's cross_entropy on the logits of a fresh copy of the
+initial weights, shifted the plain way (logits[:, :-1] against labels[:, 1:]), over the targets that
+goldfish_ds.reference keeps with its windows over the shifted input_ids (padding -100).
 """
 from __future__ import annotations
 
@@ -17,16 +18,24 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoTokenizer, LlamaForCausalLM, Trainer, TrainingArguments, default_data_collator
+from transformers import (
+    AutoTokenizer,
+    DataCollatorForSeq2Seq,
+    LlamaForCausalLM,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+)
 
 from distributed import free_port
-from goldfish_ds import GoldfishConfig, goldfish_cross_entropy, goldfish_mask
+from goldfish_ds import GoldfishConfig, goldfish_mask
 from goldfish_ds.integrations.transformers import (
     GoldfishDataCollator,
     GoldfishTrainer,
     goldfish_causal_lm_loss,
     goldfish_labels,
 )
+from goldfish_ds.reference import reference_goldfish_mask
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -94,13 +103,27 @@ def logged(trainer, key: str) -> list[float]:
     return [entry[key] for entry in trainer.state.log_history if key in entry and "train_runtime" not in entry]
 
 
-def reference_loss(model: LlamaForCausalLM, batches: list[dict], cfg: GoldfishConfig | None) -> float:
-    """goldfish_cross_entropy's mean over the kept targets of all the batches together (one optimizer step)."""
+def shifted_tokens(batch: dict) -> torch.Tensor:
+    """A batch's next-token ids [B, T - 1], -100 at padding: what the goldfish windows hash."""
+    return batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)[:, 1:]
+
+
+def reference_dropped(batches: list[dict], cfg: GoldfishConfig, hash_labels: bool = False) -> torch.Tensor:
+    """goldfish_ds.reference's mask [N, T - 1] of the batches' shifted labels, windows over their tokens (or labels)."""
+    labels = torch.cat([b["labels"][:, 1:] for b in batches])
+    window_ids = None if hash_labels else torch.cat([shifted_tokens(b) for b in batches])
+    return reference_goldfish_mask(labels, cfg, window_ids=window_ids)
+
+
+def reference_loss(model: LlamaForCausalLM, batches: list[dict], cfg: GoldfishConfig, hash_labels: bool = False
+                   ) -> float:
+    """torch's mean cross-entropy over the reference-kept targets of all the batches together (one optimizer step)."""
     with torch.no_grad():
         logits = torch.cat([model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
                             for b in batches])
     labels = torch.cat([b["labels"][:, 1:] for b in batches])
-    return goldfish_cross_entropy(logits, labels, cfg).item()
+    kept = labels.masked_fill(reference_dropped(batches, cfg, hash_labels), -100)
+    return F.cross_entropy(logits.flatten(0, 1), kept.flatten()).item()
 
 
 @pytest.fixture(scope="module")
@@ -257,8 +280,54 @@ def test_sft_loss_is_goldfish_on_the_completions_only(tiny_dir, sft_runs):
     assert logged(stock, "loss")[0] == pytest.approx(expected, rel=1e-6)
     with_prompts = [{**b, "labels": b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)} for b in first_step]
     assert abs(reference_loss(fresh_model(tiny_dir), with_prompts, CFG) - expected) > 1e-3
+    # Hashing the labels (their -100 prompts) instead of the tokens would drop other completion targets.
+    assert abs(reference_loss(fresh_model(tiny_dir), first_step, CFG, hash_labels=True) - expected) > 1e-4
     rates = logged(fused, "goldfish_drop_rate")
     assert len(rates) == 2 and all(0.1 < r < 0.5 for r in rates)
+    for step, rate in enumerate(rates):  # the count behind num_items_in_batch hashes the tokens too
+        step_batches = batches[2 * step:2 * step + 2]
+        supervised = sum(int(b["labels"][:, 1:].ne(-100).sum()) for b in step_batches)
+        assert rate == pytest.approx(reference_dropped(step_batches, CFG).sum().item() / supervised)
+
+
+def prompt_response_features(tokenizer, supervise_prompt: bool) -> list[dict]:
+    """Four rows: one response after four different prompts of 6 tokens each, then a longer row of its own.
+
+    The prompts' labels are -100 unless supervise_prompt; the longer row makes the others padded.
+    """
+    docs = [tokenizer.encode(text, add_special_tokens=False) for text in examples.builtin_documents()[:6]]
+    response = docs[4][:20]
+    rows = [doc[:6] + response for doc in docs[:4]]
+    features = [{"input_ids": ids, "labels": ids if supervise_prompt else [-100] * 6 + response} for ids in rows]
+    return features + [{"input_ids": docs[5][:40], "labels": docs[5][:40]}]
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_collator_drops_depend_on_the_tokens_not_on_the_prompt_mask(tiny_dir, padding_side):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir, padding_side=padding_side)
+    seq2seq = DataCollatorForSeq2Seq(tokenizer)  # pads labels with -100 on the tokenizer's side
+    goldfish = GoldfishDataCollator(seq2seq, CFG)
+    dropped, label_hash_dropped = {}, {}
+    for supervised in (False, True):
+        features = prompt_response_features(tokenizer, supervised)
+        batch = seq2seq(features)
+        out = goldfish(features)
+        assert torch.equal(out["input_ids"], batch["input_ids"]) and out["labels"].shape == (5, 40)
+        assert batch["attention_mask"][:4].eq(0).sum() == 4 * 14  # the prompt rows are padded
+        dropped[supervised] = batch["labels"].ne(-100) & out["labels"].eq(-100)
+        assert torch.equal(dropped[supervised][:, 1:], reference_dropped([batch], CFG))
+        label_hash_dropped[supervised] = reference_dropped([batch], CFG, hash_labels=True)
+    start = 14 + 6 if padding_side == "left" else 6  # the response's first label column
+    response = slice(start, start + 20)
+    past_first_windows = slice(start + CFG.h - 1, start + 20)
+    masked = dropped[False]
+    assert 3 <= masked[:4, response].sum(1).min() and masked[:4, response].sum(1).max() <= 12
+    assert (masked[:4, past_first_windows] == masked[0, past_first_windows]).all()  # the same after every prompt
+    assert torch.equal(dropped[True][:4, response], masked[:4, response])  # supervising the prompt changes nothing
+    assert not masked[:4, :start].any()  # prompts and padding are never dropped
+    # Hashing the labels would make the response's first drops depend on whether the prompt is supervised.
+    assert not torch.equal(label_hash_dropped[True][:4, start - 1:start + 19],
+                           label_hash_dropped[False][:4, start - 1:start + 19])
 
 
 def test_bad_settings_are_clear_errors(tiny_dir, rows, tmp_path):
@@ -283,6 +352,15 @@ def test_bad_settings_are_clear_errors(tiny_dir, rows, tmp_path):
         goldfish_labels(rows[0]["labels"], CFG)
     with pytest.raises(ValueError, match="labels must be an int64 \\[batch, seq\\] tensor"):
         goldfish_labels(torch.zeros(2, 5), CFG)
+    batch = default_data_collator(rows[:2])
+    with pytest.raises(ValueError, match="labels must be -100 or equal input_ids at every position"):
+        goldfish_labels(batch["labels"] + 1, CFG, input_ids=batch["input_ids"])
+    with pytest.raises(ValueError, match="labels must be -100 or equal input_ids"):  # a supervised padding position
+        goldfish_labels(batch["input_ids"], CFG, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    with pytest.raises(ValueError, match="input_ids must be an int64 tensor of labels' shape"):
+        goldfish_labels(batch["labels"], CFG, input_ids=batch["input_ids"][:, 1:])
+    with pytest.raises(ValueError, match="attention_mask must be a \\[batch, seq\\] padding mask"):
+        goldfish_labels(batch["labels"], CFG, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"][0])
 
 
 EXAMPLE_FLAGS = ["--max_steps", "3", "--seq_len", "32", "--grad_accum", "2", "--tiny_hidden_size", "32"]

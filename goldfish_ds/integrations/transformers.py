@@ -11,11 +11,16 @@ Two ways in, giving the same loss:
   (`apply_goldfish`), for the stock Trainer / SFTTrainer and the model's own loss.
 
 Both compute the mask from the next-token targets exactly as the model's own loss shifts them
-(`causal_lm_targets`), so a batch's mask is the same either way, and both normalise as the Trainer does
-since transformers 4.46: the sum of the loss over the kept targets of the accumulated batch (all ranks, with
-`average_tokens_across_devices`) divided by the number of kept targets. That is the goldfish definition (the
-mean over kept targets, which the paper's code computes with ignore_index) taken over the whole optimizer step
-instead of per micro-batch, so gradient accumulation does not change the loss. Labels already -100 (prompts in
+(`causal_lm_targets`), and both hash the goldfish windows over the batch's token content, not its labels: the
+same shift of `input_ids` (`causal_lm_window_ids`, padding per `attention_mask` excluded), passed to the mask as
+`window_ids`. So a response token's drop decision depends only on the tokens of its window, whether the prompt
+before it is masked (-100, as TRL's completion_only_loss / assistant_only_loss and prompt-masking collators
+do) or supervised. A batch without `input_ids` falls back to hashing the labels (the official behaviour).
+Either way in, a batch gets the same mask, and both normalise as the Trainer does since transformers 4.46: the
+sum of the loss over the kept targets of the accumulated batch (all ranks, with `average_tokens_across_devices`)
+divided by the number of kept targets. That is the goldfish definition (the mean over kept targets, which the
+paper's code computes with ignore_index) taken over the whole optimizer step instead of per micro-batch, so
+gradient accumulation does not change the loss. Labels already -100 (prompts in
 SFT, padding) stay ignored and are never counted as dropped. Evaluation (`trainer.evaluate()`) reports the
 standard loss over every supervised target, as goldfish_ds' pretraining validation does.
 """
@@ -59,12 +64,48 @@ def causal_lm_targets(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(_check_labels(labels, "causal_lm_targets")[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
-def goldfish_labels(labels: torch.Tensor, cfg: GoldfishConfig, step: int = 0) -> torch.Tensor:
+def causal_lm_window_ids(labels: torch.Tensor, input_ids: Optional[torch.Tensor],
+                         attention_mask: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """The ids the goldfish windows hash [B, T], aligned with causal_lm_targets(labels): input_ids[:, t + 1].
+
+    Positions whose next token is padding (attention_mask 0, left or right padding) and the last column are
+    -100, as the labels have them. labels must equal input_ids wherever they are not -100 (causal-LM labels of
+    these inputs). None when input_ids is None: the mask then hashes the labels.
+    """
+    if input_ids is None:
+        return None
+    labels = _check_labels(labels, "causal_lm_window_ids")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.shape != labels.shape or input_ids.dtype != torch.int64:
+        got = (f"{input_ids.dtype} tensor of shape {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor)
+               else type(input_ids).__name__)
+        raise ValueError(f"causal_lm_window_ids: input_ids must be an int64 tensor of labels' shape "
+                         f"{tuple(labels.shape)}, got {got}")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != labels.shape:
+            got = (tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor)
+                   else type(attention_mask).__name__)
+            raise ValueError(f"causal_lm_window_ids: attention_mask must be a [batch, seq] padding mask of labels' "
+                             f"shape {tuple(labels.shape)}, got {got}")
+        input_ids = input_ids.masked_fill(attention_mask.to(input_ids.device) == 0, IGNORE_INDEX)
+    differ = labels.ne(IGNORE_INDEX) & labels.ne(input_ids.to(labels.device))
+    if differ.any():
+        raise ValueError(f"causal_lm_window_ids: labels must be -100 or equal input_ids at every position (causal-LM "
+                         f"labels of these inputs; padding, attention_mask 0, must be -100), {int(differ.sum())} "
+                         "positions differ")
+    return causal_lm_targets(input_ids)
+
+
+def goldfish_labels(labels: torch.Tensor, cfg: GoldfishConfig, step: int = 0, *,
+                    input_ids: Optional[torch.Tensor] = None,
+                    attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """HF causal-LM labels [B, T] with the targets the goldfish mask drops set to -100 (a copy).
 
-    Column 0 is never a target and is kept. Feed the result to any model's own loss.
+    Column 0 is never a target and is kept. Feed the result to any model's own loss. With input_ids [B, T]
+    (and attention_mask), the windows hash the tokens (causal_lm_window_ids), so -100 prompt labels do not
+    change the drops; without, they hash the labels.
     """
-    targets = apply_goldfish(causal_lm_targets(labels), cfg, step)
+    window_ids = causal_lm_window_ids(labels, input_ids, attention_mask)
+    targets = apply_goldfish(causal_lm_targets(labels), cfg, step, window_ids=window_ids)
     return torch.cat([labels[:, :1], targets[:, :-1]], dim=1)
 
 
@@ -75,17 +116,22 @@ def goldfish_causal_lm_loss(
     num_items_in_batch: Optional[torch.Tensor | int] = None,
     *,
     step: int = 0,
+    input_ids: Optional[torch.Tensor] = None,
+    attention_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The fused goldfish loss of a causal LM's logits [B, T, V] against its HF labels [B, T] (unshifted).
 
     num_items_in_batch: the number of kept targets of the whole accumulated batch (what GoldfishTrainer
     passes); the loss is then this batch's kept-target loss sum divided by it. None: the mean over this
-    batch's kept targets. The gradient is written into the logits buffer (their values are gone afterwards).
+    batch's kept targets. input_ids, attention_mask [B, T]: the windows hash the tokens, as in goldfish_labels.
+    The gradient is written into the logits buffer (their values are gone afterwards).
     """
     targets = causal_lm_targets(labels).to(logits.device)
+    window_ids = causal_lm_window_ids(labels, input_ids, attention_mask)
+    window_ids = None if window_ids is None else window_ids.to(logits.device)
     if num_items_in_batch is None:
-        return goldfish_cross_entropy(logits, targets, cfg, step=step)
-    total = goldfish_cross_entropy(logits, targets, cfg, "sum", step=step)
+        return goldfish_cross_entropy(logits, targets, cfg, step=step, window_ids=window_ids)
+    total = goldfish_cross_entropy(logits, targets, cfg, "sum", step=step, window_ids=window_ids)
     return total / torch.as_tensor(num_items_in_batch, device=total.device).clamp(min=1)
 
 
@@ -93,7 +139,8 @@ class GoldfishDataCollator:
     """Wraps a data collator: the `labels` of its batches get the goldfish-dropped targets set to -100.
 
     collator: any collator whose batches hold causal-LM `labels` [B, T] (transformers'
-    `DataCollatorForLanguageModeling(tokenizer, mlm=False)`, TRL's `DataCollatorForLanguageModeling`, ...).
+    `DataCollatorForLanguageModeling(tokenizer, mlm=False)`, TRL's `DataCollatorForLanguageModeling`, ...);
+    the windows hash the batch's `input_ids` (padding per `attention_mask` excluded), or its labels without them.
     Use it with the stock Trainer or SFTTrainer: the model's own loss and the Trainer's token count then
     both see only the kept targets. The "random" strategy needs the training step, which a collator does
     not know: use GoldfishTrainer for it.
@@ -113,7 +160,8 @@ class GoldfishDataCollator:
         if "labels" not in batch:
             raise ValueError(f"GoldfishDataCollator: the wrapped collator's batch has no 'labels' (keys: "
                              f"{sorted(batch)})")
-        batch["labels"] = goldfish_labels(batch["labels"], self.goldfish)
+        batch["labels"] = goldfish_labels(batch["labels"], self.goldfish, input_ids=batch.get("input_ids"),
+                                          attention_mask=batch.get("attention_mask"))
         return batch
 
 
@@ -162,7 +210,8 @@ class GoldfishTrainerMixin:
                                  f"{sorted(batch)}); give the data collator labels, e.g. "
                                  "DataCollatorForLanguageModeling(tokenizer, mlm=False)")
             targets = causal_lm_targets(batch["labels"])
-            dropped = goldfish_mask(targets, self.goldfish, self.state.global_step)
+            window_ids = causal_lm_window_ids(batch["labels"], batch.get("input_ids"), batch.get("attention_mask"))
+            dropped = goldfish_mask(targets, self.goldfish, self.state.global_step, window_ids=window_ids)
             counts += torch.stack([targets.ne(IGNORE_INDEX).sum(), dropped.sum()]).cpu()
         counts = counts.to(device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
@@ -180,7 +229,8 @@ class GoldfishTrainerMixin:
         model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
         outputs = model(**model_inputs)
         loss = goldfish_causal_lm_loss(outputs.logits, inputs["labels"], self.goldfish, num_items_in_batch,
-                                       step=self.state.global_step)
+                                       step=self.state.global_step, input_ids=inputs.get("input_ids"),
+                                       attention_mask=inputs.get("attention_mask"))
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # the ranks' gradients are averaged, the count is global
         return (loss, outputs) if return_outputs else loss
@@ -218,6 +268,7 @@ __all__ = [  # and GoldfishSFTTrainer, which needs TRL
     "GoldfishTrainer",
     "GoldfishTrainerMixin",
     "causal_lm_targets",
+    "causal_lm_window_ids",
     "goldfish_causal_lm_loss",
     "goldfish_labels",
 ]
