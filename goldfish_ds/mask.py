@@ -34,7 +34,7 @@ def _run(op, labels: torch.Tensor, cfg: GoldfishConfig, step: int) -> torch.Tens
     table_bits = hash_table_bits(rows.device, cfg.k, cfg.table_path) if cfg.strategy == "hash-table" else None
     exempt = _exempt_tensor(cfg.exempt_ids, rows.device) if cfg.exempt_ids else None
     out = op(rows, cfg.strategy_code, cfg.k, cfg.h, cfg.start_position, cfg.ignore_index, cfg.window == "preceding",
-             table_bits, exempt, cfg.seed, step)
+             table_bits, exempt, cfg.seed, step, cfg.boundary_id)
     return out if labels.dim() == 2 else out.reshape(-1)  # (reshape(labels.shape) costs ~4 us a call)
 
 

@@ -62,8 +62,24 @@ def _windows(rows: torch.Tensor, cfg: GoldfishConfig) -> tuple[torch.Tensor, tor
 
 
 def reference_goldfish_mask(labels: torch.Tensor, cfg: GoldfishConfig, step: int = 0) -> torch.Tensor:
-    """Same contract as goldfish_ds.goldfish_mask, written in plain torch."""
+    """Same contract as goldfish_ds.goldfish_mask, written in plain torch.
+
+    With cfg.boundary_id, each row is cut after every label equal to it and each segment is masked as a row of
+    its own (the random strategy, which depends on (row, position) only, masks the whole row as without it).
+    """
     rows = labels.reshape(1, -1) if labels.dim() == 1 else labels
+    if cfg.boundary_id is None or cfg.strategy == "random" or rows.numel() == 0:
+        return _rows_mask(rows, cfg, step).reshape(labels.shape)
+    dropped = []
+    for row in rows:
+        ends = (row == cfg.boundary_id).nonzero().flatten() + 1  # a segment ends right after each boundary label
+        cuts = [0, *[int(e) for e in ends if e < row.numel()], row.numel()]
+        dropped.append(torch.cat([_rows_mask(row[None, a:b], cfg, step)[0] for a, b in zip(cuts, cuts[1:])]))
+    return torch.stack(dropped).reshape(labels.shape)
+
+
+def _rows_mask(rows: torch.Tensor, cfg: GoldfishConfig, step: int) -> torch.Tensor:
+    """The mask of rows [B, T], each row one sequence (cfg.boundary_id not applied)."""
     B, T = rows.shape
     t = torch.arange(T, device=rows.device).expand(B, T)
     threshold64 = _MASK64 // cfg.k
@@ -94,4 +110,4 @@ def reference_goldfish_mask(labels: torch.Tensor, cfg: GoldfishConfig, step: int
     dropped = dropped & (rows != cfg.ignore_index)
     if cfg.exempt_ids:
         dropped = dropped & ~torch.isin(rows, torch.tensor(cfg.exempt_ids, device=rows.device))
-    return dropped.reshape(labels.shape)
+    return dropped
