@@ -4,8 +4,9 @@
 // the hash table one hand-written AVX-512 pass where available), then one pass that writes the output: the
 // mask itself, or the labels with the dropped targets set to ignore_index (streamed to memory when large).
 // Without exempt ids, the hash-table pass writes the outputs itself. With document boundaries, a hash chunk
-// whose windows hold a boundary label gets one more pass that clears the targets whose window crosses it, and
-// the static strategy counts positions from each segment start in one pass per row.
+// whose windows hold a boundary label gets one more pass that keeps the targets whose window crosses it (over
+// its outputs, after the fused pass), and the static strategy counts positions from each segment start in one
+// pass per row.
 #include <ATen/Parallel.h>
 
 #if defined(__AVX512F__)
@@ -277,15 +278,16 @@ bool holds_label(const int64_t* __restrict y, int64_t from, int64_t to, int64_t 
 // How many targets after a boundary label have it in their window (labels [t - lag - h + 1, t - 1] of target t).
 inline int64_t boundary_reach(const MaskParams& p) { return p.h - 1 + (p.preceding ? 1 : 0); }
 
-// Hash strategies with boundaries: clears decided[i] of the targets t0 + i (i < n) of row y whose window holds a
-// boundary label other than the target itself, as if every segment were a row (its first targets have no window).
-void clear_windows_across_boundaries(const MaskParams& p, const int64_t* y, int64_t t0, int64_t n,
-                                     uint8_t* decided) {
+// Hash strategies with boundaries: calls keep(i) for the targets t0 + i (i < n) of row y whose window holds a
+// boundary label other than the target itself; they are kept, as if every segment were a row (a segment's first
+// targets have no window).
+template <typename Keep>
+void keep_windows_across_boundaries(const MaskParams& p, const int64_t* y, int64_t t0, int64_t n, const Keep& keep) {
   const int64_t reach = boundary_reach(p);
-  int64_t cleared_to = -1;  // targets up to here have a boundary label in their window
+  int64_t crossed_to = -1;  // targets up to here have a boundary label in their window
   for (int64_t q = std::max(int64_t{0}, t0 - reach); q < t0 + n; ++q) {
-    if (q >= t0 && q <= cleared_to) decided[q - t0] = 0;
-    if (y[q] == p.boundary_id) cleared_to = q + reach;
+    if (q >= t0 && q <= crossed_to) keep(q - t0);
+    if (y[q] == p.boundary_id) crossed_to = q + reach;
   }
 }
 
@@ -394,15 +396,20 @@ void goldfish_rows(const MaskParams& params, const int64_t* labels, Out* out, in
       const bool crossed = boundaries && hashed && boundary_reach(params) > 0 &&
                            holds_label(y, std::max(int64_t{0}, t0 - boundary_reach(params)), t0 + n - 1,
                                        params.boundary_id);
-      if (fuse_outputs && !crossed && t0 >= params.h - 1 + params.preceding) {  // every target has a window
+      if (fuse_outputs && t0 >= params.h - 1 + params.preceding) {  // every target has a window
         const auto* x = reinterpret_cast<const uint64_t*>(y + t0 - params.preceding - params.h + 1);
         hash_table_decisions(params.table_bits, window_factors(x, n, params.h, s), n, s,
                              OutputsOf<Out>{y + t0, dst, ignore_index, stream_chunk});
+        if (crossed) {  // rewrite the few targets whose window crossed a boundary as kept
+          if (stream_chunk) finish_streaming_stores();  // after the streamed outputs they overwrite
+          keep_windows_across_boundaries(params, y, t0, n,
+                                         [&](int64_t i) { dst[i] = output(0, y[t0 + i], ignore_index, dst); });
+        }
         continue;
       }
       decide_chunk(params, y, row, t0, n, s);
       uint8_t* __restrict decided = s.decided.data();
-      if (crossed) clear_windows_across_boundaries(params, y, t0, n, decided);
+      if (crossed) keep_windows_across_boundaries(params, y, t0, n, [decided](int64_t i) { decided[i] = 0; });
       if (params.num_exempt > 0) {
         for (int64_t i = 0; i < n; ++i) decided[i] &= static_cast<uint8_t>(!is_exempt(params, y[t0 + i]));
       }

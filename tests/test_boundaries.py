@@ -106,6 +106,18 @@ def test_kernels_equal_the_reference_with_dense_boundaries(strategy, device):
                            torch.where(expected, torch.tensor(-100), labels)), (h, window)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_outputs_with_boundaries_equal_the_reference(device):
+    """64 x 4096 labels (2 MiB of masked labels: the CPU streams them) with a boundary every 1000 labels, through
+    the hash-table pass that writes the outputs itself and then rewrites those whose window crossed a boundary."""
+    labels = torch.randint(3, 32000, (64, 4096), generator=torch.Generator().manual_seed(1))
+    labels.view(-1)[999::1000] = 2
+    cfg = GoldfishConfig(k=4, h=13, boundary_id=2)
+    expected = reference_goldfish_mask(labels, cfg)
+    assert torch.equal(goldfish_mask(labels.to(device), cfg).cpu(), expected)
+    assert torch.equal(apply_goldfish(labels.to(device), cfg).cpu(), torch.where(expected, torch.tensor(-100), labels))
+
+
 def test_reference_static_positions_restart_after_each_boundary():
     labels = torch.tensor([5, 2, 5, 5, 2, 2, 5, 5, 5])  # segments [5 2] [5 5 2] [2] [5 5 5]
     cfg = GoldfishConfig(k=2, h=1, strategy="static", boundary_id=2)
