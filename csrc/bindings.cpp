@@ -138,10 +138,12 @@ void vocab_parallel_grad_inplace_cpu_op(at::Tensor& logits, const at::Tensor& lo
 TORCH_LIBRARY(goldfish_ds, m) {
   m.def(
       "goldfish_mask(Tensor labels, int strategy, int k, int h, int start_position, int ignore_index, "
-      "bool preceding, Tensor? table_bits, Tensor? exempt_ids, int seed, int step, int? boundary_id=None) -> Tensor");
+      "bool preceding, Tensor? table_bits, Tensor? exempt_ids, int seed, int step, int? boundary_id=None) "
+      "-> Tensor");
   m.def(
       "apply_goldfish(Tensor labels, int strategy, int k, int h, int start_position, int ignore_index, "
-      "bool preceding, Tensor? table_bits, Tensor? exempt_ids, int seed, int step, int? boundary_id=None) -> Tensor");
+      "bool preceding, Tensor? table_bits, Tensor? exempt_ids, int seed, int step, int? boundary_id=None) "
+      "-> Tensor");
   m.def("cross_entropy_loss(Tensor logits, Tensor labels, Tensor? dropped, int ignore_index, bool dropped_loss) -> Tensor");
   m.def(
       "cross_entropy_loss_grad(Tensor logits, Tensor labels, Tensor? dropped, int ignore_index, bool dropped_loss, "

@@ -118,6 +118,14 @@ def test_large_outputs_with_boundaries_equal_the_reference(device):
     assert torch.equal(apply_goldfish(labels.to(device), cfg).cpu(), torch.where(expected, torch.tensor(-100), labels))
 
 
+@pytest.mark.parametrize("op", ["goldfish_mask", "apply_goldfish"])
+def test_opcheck_with_a_boundary(op):
+    """The operators' schema, fake (meta) implementation and autograd registration with boundary_id given."""
+    labels = torch.randint(0, 10, (2, 50), generator=torch.Generator().manual_seed(0))
+    torch.library.opcheck(getattr(torch.ops.goldfish_ds, op).default,
+                          (labels, 4, 4, 13, 0, -100, False, None, torch.tensor([1]), 0, 0, 2))
+
+
 def test_reference_static_positions_restart_after_each_boundary():
     labels = torch.tensor([5, 2, 5, 5, 2, 2, 5, 5, 5])  # segments [5 2] [5 5 2] [2] [5 5 5]
     cfg = GoldfishConfig(k=2, h=1, strategy="static", boundary_id=2)
