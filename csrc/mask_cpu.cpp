@@ -280,14 +280,23 @@ inline int64_t boundary_reach(const MaskParams& p) { return p.h - 1 + (p.precedi
 
 // Hash strategies with boundaries: calls keep(i) for the targets t0 + i (i < n) of row y whose window holds a
 // boundary label other than the target itself; they are kept, as if every segment were a row (a segment's first
-// targets have no window).
+// targets have no window). The labels are checked 16 at a time (vectorised), and only blocks that hold a boundary
+// label are read one by one.
 template <typename Keep>
 void keep_windows_across_boundaries(const MaskParams& p, const int64_t* y, int64_t t0, int64_t n, const Keep& keep) {
-  const int64_t reach = boundary_reach(p);
-  int64_t crossed_to = -1;  // targets up to here have a boundary label in their window
-  for (int64_t q = std::max(int64_t{0}, t0 - reach); q < t0 + n; ++q) {
-    if (q >= t0 && q <= crossed_to) keep(q - t0);
-    if (y[q] == p.boundary_id) crossed_to = q + reach;
+  constexpr int64_t kBlock = 16;
+  const int64_t reach = boundary_reach(p);  // a boundary label at q is in the windows of targets q + 1 .. q + reach
+  const int64_t last = t0 + n - 1;          // the chunk's last target
+  int64_t kept_to = t0 - 1;                 // targets up to here are kept already
+  for (int64_t b0 = std::max(int64_t{0}, t0 - reach); b0 < last; b0 += kBlock) {
+    const int64_t b1 = std::min(b0 + kBlock, last);
+    if (!holds_label(y, b0, b1, p.boundary_id)) continue;
+    for (int64_t q = b0; q < b1; ++q) {
+      if (y[q] != p.boundary_id) continue;
+      const int64_t to = std::min(q + reach, last);
+      for (int64_t t = std::max(q + 1, kept_to + 1); t <= to; ++t) keep(t - t0);
+      kept_to = std::max(kept_to, to);
+    }
   }
 }
 
