@@ -13,9 +13,9 @@ namespace {
 at::Tensor goldfish_mask_cpu(const at::Tensor& labels, int64_t strategy, int64_t k, int64_t h,
                              int64_t start_position, int64_t ignore_index, bool preceding,
                              const c10::optional<at::Tensor>& table_bits, const c10::optional<at::Tensor>& exempt_ids,
-                             int64_t seed, int64_t step) {
-  const MaskParams p =
-      make_mask_params(labels, strategy, k, h, start_position, ignore_index, preceding, table_bits, exempt_ids, seed, step);
+                             int64_t seed, int64_t step, c10::optional<int64_t> boundary_id) {
+  const MaskParams p = make_mask_params(labels, strategy, k, h, start_position, ignore_index, preceding, table_bits,
+                                        exempt_ids, seed, step, boundary_id);
   at::Tensor dropped = at::empty(labels.sizes(), labels.options().dtype(at::kBool));
   mask_cpu(p, labels.data_ptr<int64_t>(), dropped.data_ptr<bool>(), labels.size(0), labels.size(1));
   return dropped;
@@ -25,9 +25,10 @@ at::Tensor goldfish_mask_cpu(const at::Tensor& labels, int64_t strategy, int64_t
 at::Tensor apply_goldfish_cpu_op(const at::Tensor& labels, int64_t strategy, int64_t k, int64_t h,
                                  int64_t start_position, int64_t ignore_index, bool preceding,
                                  const c10::optional<at::Tensor>& table_bits,
-                                 const c10::optional<at::Tensor>& exempt_ids, int64_t seed, int64_t step) {
-  const MaskParams p =
-      make_mask_params(labels, strategy, k, h, start_position, ignore_index, preceding, table_bits, exempt_ids, seed, step);
+                                 const c10::optional<at::Tensor>& exempt_ids, int64_t seed, int64_t step,
+                                 c10::optional<int64_t> boundary_id) {
+  const MaskParams p = make_mask_params(labels, strategy, k, h, start_position, ignore_index, preceding, table_bits,
+                                        exempt_ids, seed, step, boundary_id);
   at::Tensor masked = at::empty_like(labels);
   apply_goldfish_cpu(p, labels.data_ptr<int64_t>(), masked.data_ptr<int64_t>(), labels.size(0), labels.size(1));
   return masked;
@@ -137,10 +138,12 @@ void vocab_parallel_grad_inplace_cpu_op(at::Tensor& logits, const at::Tensor& lo
 TORCH_LIBRARY(goldfish_ds, m) {
   m.def(
       "goldfish_mask(Tensor labels, int strategy, int k, int h, int start_position, int ignore_index, "
-      "bool preceding, Tensor? table_bits, Tensor? exempt_ids, int seed, int step) -> Tensor");
+      "bool preceding, Tensor? table_bits, Tensor? exempt_ids, int seed, int step, int? boundary_id=None) "
+      "-> Tensor");
   m.def(
       "apply_goldfish(Tensor labels, int strategy, int k, int h, int start_position, int ignore_index, "
-      "bool preceding, Tensor? table_bits, Tensor? exempt_ids, int seed, int step) -> Tensor");
+      "bool preceding, Tensor? table_bits, Tensor? exempt_ids, int seed, int step, int? boundary_id=None) "
+      "-> Tensor");
   m.def("cross_entropy_loss(Tensor logits, Tensor labels, Tensor? dropped, int ignore_index, bool dropped_loss) -> Tensor");
   m.def(
       "cross_entropy_loss_grad(Tensor logits, Tensor labels, Tensor? dropped, int ignore_index, bool dropped_loss, "

@@ -29,9 +29,9 @@ cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(
 at::Tensor goldfish_mask_cuda(const at::Tensor& labels, int64_t strategy, int64_t k, int64_t h,
                               int64_t start_position, int64_t ignore_index, bool preceding,
                               const c10::optional<at::Tensor>& table_bits, const c10::optional<at::Tensor>& exempt_ids,
-                              int64_t seed, int64_t step) {
-  const MaskParams p =
-      make_mask_params(labels, strategy, k, h, start_position, ignore_index, preceding, table_bits, exempt_ids, seed, step);
+                              int64_t seed, int64_t step, c10::optional<int64_t> boundary_id) {
+  const MaskParams p = make_mask_params(labels, strategy, k, h, start_position, ignore_index, preceding, table_bits,
+                                        exempt_ids, seed, step, boundary_id);
   const c10::cuda::CUDAGuard guard(labels.device());
   at::Tensor dropped = at::empty(labels.sizes(), labels.options().dtype(at::kBool));
   check_launch(launch_mask_cuda(p, labels.data_ptr<int64_t>(), dropped.data_ptr<bool>(), labels.size(0),
@@ -91,9 +91,9 @@ at::Tensor cross_entropy_loss_grad_inplace_cuda(at::Tensor& logits, const at::Te
 at::Tensor apply_goldfish_cuda(const at::Tensor& labels, int64_t strategy, int64_t k, int64_t h,
                                int64_t start_position, int64_t ignore_index, bool preceding,
                                const c10::optional<at::Tensor>& table_bits, const c10::optional<at::Tensor>& exempt_ids,
-                               int64_t seed, int64_t step) {
+                               int64_t seed, int64_t step, c10::optional<int64_t> boundary_id) {
   const at::Tensor dropped = goldfish_mask_cuda(labels, strategy, k, h, start_position, ignore_index, preceding,
-                                                table_bits, exempt_ids, seed, step);
+                                                table_bits, exempt_ids, seed, step, boundary_id);
   const c10::cuda::CUDAGuard guard(labels.device());
   return at::where(dropped, at::scalar_tensor(ignore_index, labels.options()), labels);
 }

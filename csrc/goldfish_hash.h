@@ -43,7 +43,12 @@ struct MaskParams {
   int64_t num_exempt;
   uint64_t seed;               // random strategy
   uint64_t step;               // random strategy
+  bool has_boundary;           // rows are cut into segments after every label equal to boundary_id
+  int64_t boundary_id;         // (each segment masked as its own row; not applied to the random strategy)
 };
+
+// Whether the mask depends on document boundaries: they are set and the strategy is not random.
+GOLDFISH_HD bool uses_boundaries(const MaskParams& p) { return p.has_boundary && p.strategy != kRandom; }
 
 // MurmurHash3's 64-bit finalizer: a bijection with full avalanche.
 GOLDFISH_HD uint64_t fmix64(uint64_t x) {
@@ -131,7 +136,8 @@ GOLDFISH_HD int64_t window_end(const MaskParams& p, int64_t t) { return p.preced
 
 // Whether target t of `row` is dropped, given the value of its window (ignored for non-hash strategies).
 // `window_value` must be the product (official hashes) or rolling sum (hash-rolling) of the window ending
-// at window_end(p, t), and is only read when that window lies inside the row.
+// at window_end(p, t), and is only read when that window lies inside the row. With boundaries, t is the
+// target's position in its segment (the row as if it started at the segment), except for the random strategy.
 GOLDFISH_HD bool position_dropped(const MaskParams& p, int64_t label, int64_t row, int64_t t, uint64_t window_value) {
   if (label == p.ignore_index) return false;
   if (p.num_exempt > 0 && is_exempt(p, label)) return false;

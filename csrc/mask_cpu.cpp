@@ -3,7 +3,10 @@
 // stays in L1. A chunk is a few branch-free vectorised passes (the window products, then the decisions: for
 // the hash table one hand-written AVX-512 pass where available), then one pass that writes the output: the
 // mask itself, or the labels with the dropped targets set to ignore_index (streamed to memory when large).
-// Without exempt ids, the hash-table pass writes the outputs itself.
+// Without exempt ids, the hash-table pass writes the outputs itself. With document boundaries, a hash chunk
+// whose windows hold a boundary label gets one more pass that keeps the targets whose window crosses it (over
+// its outputs, after the fused pass), and the static strategy counts positions from each segment start in one
+// pass per row.
 #include <ATen/Parallel.h>
 
 #if defined(__AVX512F__)
@@ -31,8 +34,10 @@ constexpr int64_t kStreamBytes = int64_t{2} << 20;
 // buffers start on 64-byte boundaries, so the vectorised passes store whole cache lines (unaligned 64-byte
 // stores measured ~5-10% slower).
 struct ChunkScratch {
-  explicit ChunkScratch(int64_t chunk, int64_t h)
-      : stride((chunk + h + 7) / 8 * 8), values(3 * stride + 8), index(chunk), decided(chunk),
+  // Only the hash strategies (`hashed`) use the window values and the table indices.
+  explicit ChunkScratch(int64_t chunk, int64_t h, bool hashed)
+      : stride(hashed ? (chunk + h + 7) / 8 * 8 : 0), values(3 * stride + 8), index(hashed ? chunk : 0),
+        decided(chunk),
         aligned(values.data() + (8 - reinterpret_cast<uintptr_t>(values.data()) / 8 % 8) % 8) {}
   uint64_t* buffer(int j) { return aligned + j * stride; }
   // Whether p points into buffer j (p may also point outside the scratch, e.g. into the labels).
@@ -263,9 +268,59 @@ void hashed_decisions(const MaskParams& params, const uint64_t* __restrict windo
   for (int64_t i = 0; i < n; ++i) decided[i] = window_dropped(p, window[i]);
 }
 
+// Whether y[from, to) holds the label id (no early exit, so the loop vectorises).
+bool holds_label(const int64_t* __restrict y, int64_t from, int64_t to, int64_t id) {
+  int64_t found = 0;
+  for (int64_t i = from; i < to; ++i) found |= static_cast<int64_t>(y[i] == id);
+  return found != 0;
+}
+
+// How many targets after a boundary label have it in their window (labels [t - lag - h + 1, t - 1] of target t).
+inline int64_t boundary_reach(const MaskParams& p) { return p.h - 1 + (p.preceding ? 1 : 0); }
+
+// Hash strategies with boundaries: calls keep(i) for the targets t0 + i (i < n) of row y whose window holds a
+// boundary label other than the target itself; they are kept, as if every segment were a row (a segment's first
+// targets have no window). The labels are checked 16 at a time (vectorised), and only blocks that hold a boundary
+// label are read one by one.
+template <typename Keep>
+void keep_windows_across_boundaries(const MaskParams& p, const int64_t* y, int64_t t0, int64_t n, const Keep& keep) {
+  constexpr int64_t kBlock = 16;
+  const int64_t reach = boundary_reach(p);  // a boundary label at q is in the windows of targets q + 1 .. q + reach
+  const int64_t last = t0 + n - 1;          // the chunk's last target
+  int64_t kept_to = t0 - 1;                 // targets up to here are kept already
+  for (int64_t b0 = std::max(int64_t{0}, t0 - reach); b0 < last; b0 += kBlock) {
+    const int64_t b1 = std::min(b0 + kBlock, last);
+    if (!holds_label(y, b0, b1, p.boundary_id)) continue;
+    for (int64_t q = b0; q < b1; ++q) {
+      if (y[q] != p.boundary_id) continue;
+      const int64_t to = std::min(q + reach, last);
+      for (int64_t t = std::max(q + 1, kept_to + 1); t <= to; ++t) keep(t - t0);
+      kept_to = std::max(kept_to, to);
+    }
+  }
+}
+
+// Static strategy with boundaries, over a whole row y of n targets: every k-th target from start_position,
+// counted from the start of each segment (the target after a boundary label is position 0).
+void static_segment_decisions(const MaskParams& p, const int64_t* y, int64_t n, uint8_t* decided) {
+  int64_t position = 0, phase = 0;  // phase = (position - start_position) % k once position >= start_position
+  for (int64_t t = 0; t < n; ++t) {
+    decided[t] = position >= p.start_position && phase == 0;
+    if (y[t] == p.boundary_id) {
+      position = phase = 0;
+    } else if (++position > p.start_position) {
+      phase = phase + 1 == p.k ? 0 : phase + 1;
+    }
+  }
+}
+
 // decided[i] for the targets t0 + i (i < n) of a row y, before the ignore and exempt rules.
 void decide_chunk(const MaskParams& p, const int64_t* y, int64_t row, int64_t t0, int64_t n, ChunkScratch& s) {
   uint8_t* decided = s.decided.data();
+  if (p.strategy == kStatic && uses_boundaries(p)) {
+    static_segment_decisions(p, y, n, decided);  // a whole row (t0 = 0): positions count from segment starts
+    return;
+  }
   if (p.strategy == kStatic) {
     std::fill(decided, decided + n, 0);
     const int64_t from = std::max(t0, p.start_position);
@@ -325,16 +380,19 @@ inline void finish_streaming_stores() {
 template <typename Out>
 void goldfish_rows(const MaskParams& params, const int64_t* labels, Out* out, int64_t rows, int64_t T) {
   if (rows <= 0 || T <= 0) return;
-  // Chunks of at least h targets, so the h - 1 labels read before a chunk are at most half of its work.
-  const int64_t chunk = std::max(kChunk, params.h);
+  const bool boundaries = uses_boundaries(params);
+  const bool hashed = is_hash_strategy(params.strategy);
+  // Chunks of at least h targets, so the h - 1 labels read before a chunk are at most half of its work. Static
+  // positions with boundaries count from a segment start that may lie anywhere before: one chunk per row.
+  const int64_t chunk = boundaries && params.strategy == kStatic ? T : std::max(kChunk, params.h);
   const int64_t chunks_per_row = (T + chunk - 1) / chunk;
   // Masked labels larger than a core's L2 cache do not stay in cache: they are streamed to memory.
   const bool stream = std::is_same_v<Out, int64_t> && rows * T * static_cast<int64_t>(sizeof(Out)) >= kStreamBytes;
   // Hash-table decisions go straight to the outputs where no id is exempt.
   const bool fuse_outputs = params.strategy == kHashTable && params.num_exempt == 0;
-  const auto run_chunks = [params, labels, out, T, chunk, chunks_per_row, stream, fuse_outputs](int64_t begin,
-                                                                                              int64_t end) {
-    ChunkScratch s(chunk, params.h);
+  const auto run_chunks = [params, labels, out, T, chunk, chunks_per_row, stream, fuse_outputs, boundaries,
+                           hashed](int64_t begin, int64_t end) {
+    ChunkScratch s(chunk, params.h, hashed);
     const int64_t ignore_index = params.ignore_index;
     for (int64_t c = begin; c < end; ++c) {
       const int64_t row = c / chunks_per_row;
@@ -343,14 +401,24 @@ void goldfish_rows(const MaskParams& params, const int64_t* labels, Out* out, in
       const int64_t* y = labels + row * T;
       Out* dst = out + row * T + t0;
       const bool stream_chunk = stream && reinterpret_cast<uintptr_t>(dst) % 64 == 0;  // streaming needs alignment
-      if (fuse_outputs && t0 >= params.h - 1 + params.preceding) {  // every target of the chunk has a window
+      // Whether a boundary label lies in a window of the chunk's targets, other than as the target itself.
+      const bool crossed = boundaries && hashed && boundary_reach(params) > 0 &&
+                           holds_label(y, std::max(int64_t{0}, t0 - boundary_reach(params)), t0 + n - 1,
+                                       params.boundary_id);
+      if (fuse_outputs && t0 >= params.h - 1 + params.preceding) {  // every target has a window
         const auto* x = reinterpret_cast<const uint64_t*>(y + t0 - params.preceding - params.h + 1);
         hash_table_decisions(params.table_bits, window_factors(x, n, params.h, s), n, s,
                              OutputsOf<Out>{y + t0, dst, ignore_index, stream_chunk});
+        if (crossed) {  // rewrite the few targets whose window crossed a boundary as kept
+          if (stream_chunk) finish_streaming_stores();  // after the streamed outputs they overwrite
+          keep_windows_across_boundaries(params, y, t0, n,
+                                         [&](int64_t i) { dst[i] = output(0, y[t0 + i], ignore_index, dst); });
+        }
         continue;
       }
       decide_chunk(params, y, row, t0, n, s);
       uint8_t* __restrict decided = s.decided.data();
+      if (crossed) keep_windows_across_boundaries(params, y, t0, n, [decided](int64_t i) { decided[i] = 0; });
       if (params.num_exempt > 0) {
         for (int64_t i = 0; i < n; ++i) decided[i] &= static_cast<uint8_t>(!is_exempt(params, y[t0 + i]));
       }

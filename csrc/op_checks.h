@@ -46,7 +46,8 @@ inline void check_label_range(const at::Tensor& labels, int64_t V, int64_t ignor
 inline MaskParams make_mask_params(const at::Tensor& labels, int64_t strategy, int64_t k, int64_t h,
                                    int64_t start_position, int64_t ignore_index, bool preceding,
                                    const c10::optional<at::Tensor>& table_bits,
-                                   const c10::optional<at::Tensor>& exempt_ids, int64_t seed, int64_t step) {
+                                   const c10::optional<at::Tensor>& exempt_ids, int64_t seed, int64_t step,
+                                   c10::optional<int64_t> boundary_id) {
   check_labels_tensor(labels, 2);
   TORCH_CHECK(labels.is_contiguous(), "goldfish_ds: labels must be contiguous");
   TORCH_CHECK(strategy >= kHashTable && strategy <= kHashRolling,
@@ -66,6 +67,8 @@ inline MaskParams make_mask_params(const at::Tensor& labels, int64_t strategy, i
   p.rolling_base_pow_h = pow_mod64(kRollingBase, h);
   p.seed = static_cast<uint64_t>(seed);
   p.step = static_cast<uint64_t>(step);
+  p.has_boundary = boundary_id.has_value();
+  p.boundary_id = boundary_id.value_or(0);
   if (strategy == kHashTable) {
     TORCH_CHECK(table_bits.has_value(), "goldfish_ds: the hash-table strategy needs its table_bits");
     const at::Tensor& tb = *table_bits;

@@ -31,6 +31,11 @@ class GoldfishConfig:
         (raw little-endian float32, or a tensor saved with torch.save); None builds the official
         table on the CPU (identical masks on every device).
     seed: random strategy only: the seed of the per-step masks.
+    boundary_id: None (the official behaviour: a row is one sequence) or a label id that ends a document, e.g.
+        the tokenizer's EOS: each row is then masked as if it were cut into segments after every label equal to
+        boundary_id, each segment a row of its own. A hashed target is dropped only if its window holds no
+        boundary label other than the target itself (no window spans two documents); the static strategy
+        counts positions from the segment start; the random strategy is unchanged.
     """
 
     k: int
@@ -42,6 +47,7 @@ class GoldfishConfig:
     exempt_ids: Tuple[int, ...] = field(default_factory=tuple)
     table_path: Optional[str] = None
     seed: int = 0
+    boundary_id: Optional[int] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 2:
@@ -58,6 +64,10 @@ class GoldfishConfig:
             raise ValueError(f"GoldfishConfig: ignore_index must be an integer, got {self.ignore_index!r}")
         if not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**63:
             raise ValueError(f"GoldfishConfig: seed must be a 64-bit integer, got {self.seed!r}")
+        if self.boundary_id is not None and (isinstance(self.boundary_id, bool) or not isinstance(self.boundary_id, int)
+                                             or not -(2**63) <= self.boundary_id < 2**63):
+            raise ValueError("GoldfishConfig: boundary_id must be None (no document boundaries) or a 64-bit integer "
+                             f"label id (e.g. the tokenizer's EOS), got {self.boundary_id!r}")
         ids = tuple(self.exempt_ids)
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
             raise ValueError(f"GoldfishConfig: exempt_ids must be integers, got {self.exempt_ids!r}")

@@ -121,12 +121,14 @@ def check_device_supported(device: torch.device) -> None:
 
 
 @torch.library.register_fake("goldfish_ds::goldfish_mask")
-def _(labels, strategy, k, h, start_position, ignore_index, preceding, table_bits, exempt_ids, seed, step):
+def _(labels, strategy, k, h, start_position, ignore_index, preceding, table_bits, exempt_ids, seed, step,
+      boundary_id=None):
     return torch.empty_like(labels, dtype=torch.bool)
 
 
 @torch.library.register_fake("goldfish_ds::apply_goldfish")
-def _(labels, strategy, k, h, start_position, ignore_index, preceding, table_bits, exempt_ids, seed, step):
+def _(labels, strategy, k, h, start_position, ignore_index, preceding, table_bits, exempt_ids, seed, step,
+      boundary_id=None):
     return torch.empty_like(labels)
 
 

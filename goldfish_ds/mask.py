@@ -46,11 +46,11 @@ def _run(op, labels: torch.Tensor, cfg: GoldfishConfig, step: int, window_ids: O
     exempt = _exempt_tensor(cfg.exempt_ids, rows.device) if cfg.exempt_ids else None
     if window_ids is None:
         out = op(rows, cfg.strategy_code, cfg.k, cfg.h, cfg.start_position, cfg.ignore_index,
-                 cfg.window == "preceding", table_bits, exempt, cfg.seed, step)
+                 cfg.window == "preceding", table_bits, exempt, cfg.seed, step, cfg.boundary_id)
     else:  # hash window_ids; labels decide which targets count (ignore_index, exempt ids)
         dropped = ops.goldfish_mask(_window_rows(window_ids, labels), cfg.strategy_code, cfg.k, cfg.h,
                                     cfg.start_position, cfg.ignore_index, cfg.window == "preceding", table_bits,
-                                    None, cfg.seed, step) & rows.ne(cfg.ignore_index)
+                                    None, cfg.seed, step, cfg.boundary_id) & rows.ne(cfg.ignore_index)
         if exempt is not None:
             dropped &= ~torch.isin(rows, exempt)
         out = dropped if op is ops.goldfish_mask else rows.masked_fill(dropped, cfg.ignore_index)

@@ -65,9 +65,32 @@ def _windows(rows: torch.Tensor, cfg: GoldfishConfig) -> tuple[torch.Tensor, tor
 
 def reference_goldfish_mask(labels: torch.Tensor, cfg: GoldfishConfig, step: int = 0, *,
                              window_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Same contract as goldfish_ds.goldfish_mask, written in plain torch."""
+    """Same contract as goldfish_ds.goldfish_mask, written in plain torch.
+
+    The windows (and the boundaries) are read in window_ids when given, else in labels; labels decide which
+    targets count (ignore_index, exempt ids). With cfg.boundary_id, each row is cut after every id equal to it and
+    each segment is masked as a row of its own (the random strategy, which depends on (row, position) only, masks
+    the whole row as without it).
+    """
     labels_rows = labels.reshape(1, -1) if labels.dim() == 1 else labels
     rows = labels_rows if window_ids is None else window_ids.reshape(labels_rows.shape)
+    if cfg.boundary_id is None or cfg.strategy == "random" or rows.numel() == 0:
+        dropped = _rows_mask(rows, cfg, step)
+    else:
+        segmented = []
+        for row in rows:
+            ends = (row == cfg.boundary_id).nonzero().flatten() + 1  # a segment ends right after each boundary
+            cuts = [0, *[int(e) for e in ends if e < row.numel()], row.numel()]
+            segmented.append(torch.cat([_rows_mask(row[None, a:b], cfg, step)[0] for a, b in zip(cuts, cuts[1:])]))
+        dropped = torch.stack(segmented)
+    dropped = dropped & (labels_rows != cfg.ignore_index)
+    if cfg.exempt_ids:
+        dropped = dropped & ~torch.isin(labels_rows, torch.tensor(cfg.exempt_ids, device=rows.device))
+    return dropped.reshape(labels.shape)
+
+
+def _rows_mask(rows: torch.Tensor, cfg: GoldfishConfig, step: int) -> torch.Tensor:
+    """The mask of rows [B, T], each row one sequence, before the exempt ids (cfg.boundary_id not applied)."""
     B, T = rows.shape
     t = torch.arange(T, device=rows.device).expand(B, T)
     threshold64 = _MASK64 // cfg.k
@@ -95,7 +118,4 @@ def reference_goldfish_mask(labels: torch.Tensor, cfg: GoldfishConfig, step: int
                 hashed = _official_hashint32(product).to(torch.float32)
                 dropped = hashed < torch.tensor(((1 << 32) - 1) / cfg.k, dtype=torch.float32)
         dropped = dropped & inside
-    dropped = dropped & (rows != cfg.ignore_index) & (labels_rows != cfg.ignore_index)
-    if cfg.exempt_ids:
-        dropped = dropped & ~torch.isin(labels_rows, torch.tensor(cfg.exempt_ids, device=rows.device))
-    return dropped.reshape(labels.shape)
+    return dropped & (rows != cfg.ignore_index)

@@ -11,6 +11,7 @@ import json
 import os
 from importlib.util import find_spec
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from goldfish_ds.config import STRATEGIES, WINDOWS, GoldfishConfig
 from goldfish_ds.models.hf import DEFAULT_MAX_SHARD_SIZE, parse_size
@@ -19,11 +20,15 @@ from goldfish_ds.training.flops import FORMULA, PEAK_TFLOPS
 from goldfish_ds.training.loss_normalization import LOSS_NORMALIZATIONS
 from goldfish_ds.training.preemption import PREEMPTED_EXIT_STATUS
 
+if TYPE_CHECKING:
+    from goldfish_ds.data.tokenizer import Tokenizer
+
 # The shipped configs are package data (the repository's configs/ is a link to this directory).
 PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_MODEL_CONFIG = str(PACKAGE_CONFIGS / "models" / "tiny.json")
 DEFAULT_CPU_DEEPSPEED_CONFIG = str(PACKAGE_CONFIGS / "deepspeed" / "zero3_cpu.json")
 DEFAULT_GPU_DEEPSPEED_CONFIG = str(PACKAGE_CONFIGS / "deepspeed" / "zero3_gpu_bf16.json")
+GOLDFISH_BOUNDARIES = ("none", "reset")  # --goldfish_boundaries
 WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")  # wandb's own values of WANDB_MODE
 
 
@@ -126,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     gf.add_argument("--goldfish_table_path", default=None, help="hash-table values file (default: the official "
                                                                 "table, drawn on the CPU)")
     gf.add_argument("--goldfish_seed", type=int, default=0, help="seed of the random strategy")
+    gf.add_argument("--goldfish_boundaries", default="none", choices=GOLDFISH_BOUNDARIES,
+                    help="none: each row is one sequence (the official behaviour; hash windows span the documents "
+                         "packed into a row); reset: cut rows after every EOS label (the tokenizer's EOS id) and mask "
+                         "each document as a row of its own")
 
     opt = p.add_argument_group("optimizer (AdamW, linear warmup then cosine decay; clipping from the DeepSpeed "
                                "config's gradient_clipping)")
@@ -263,11 +272,27 @@ def parse_exempt_ids(spec: str, special_ids: tuple) -> tuple:
                          f"got {spec!r}") from None
 
 
-def goldfish_config(args: argparse.Namespace, special_ids: tuple) -> GoldfishConfig | None:
-    """The GoldfishConfig the options describe (None for --no-goldfish); special_ids fill 'special'."""
+def goldfish_boundary_id(args: argparse.Namespace, tokenizer: Tokenizer | None) -> int | None:
+    """--goldfish_boundaries: None for 'none'; for 'reset' the EOS id of `tokenizer` (a Tokenizer, or None when
+    the run has none), with an error naming the option when there is no EOS id to cut at."""
+    if args.goldfish_boundaries == "none":
+        return None
+    eos_id = tokenizer.eos_id if tokenizer is not None else None
+    if eos_id is None:
+        what = f"the tokenizer {tokenizer.path} has no EOS token" if tokenizer else "this run has no tokenizer"
+        raise ValueError(f"--goldfish_boundaries reset cuts rows at the tokenizer's EOS id, but {what}: give a "
+                         "--tokenizer with an EOS token, or --goldfish_boundaries none")
+    return eos_id
+
+
+def goldfish_config(args: argparse.Namespace, special_ids: tuple, boundary_id: int | None = None
+                    ) -> GoldfishConfig | None:
+    """The GoldfishConfig the options describe (None for --no-goldfish); special_ids fill 'special', boundary_id
+    (goldfish_boundary_id) the document boundaries."""
     if not args.goldfish:
         return None
     exempt = parse_exempt_ids(args.goldfish_exempt_ids, special_ids)
     return GoldfishConfig(k=args.goldfish_k, h=args.goldfish_h, strategy=args.goldfish_strategy,
                           window=args.goldfish_window, start_position=args.goldfish_start_position,
-                          exempt_ids=exempt, table_path=args.goldfish_table_path, seed=args.goldfish_seed)
+                          exempt_ids=exempt, table_path=args.goldfish_table_path, seed=args.goldfish_seed,
+                          boundary_id=boundary_id)

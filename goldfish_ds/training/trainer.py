@@ -47,6 +47,7 @@ from goldfish_ds.training.anomalies import LossSpikeDetector, SkippedSteps
 from goldfish_ds.training.arguments import (
     DEFAULT_CPU_DEEPSPEED_CONFIG,
     DEFAULT_GPU_DEEPSPEED_CONFIG,
+    goldfish_boundary_id,
     goldfish_config,
 )
 from goldfish_ds.training.builtin_corpus import prepare_builtin_corpus
@@ -123,7 +124,8 @@ class Job:
         tokenizer = load_tokenizer(self.tokenizer_path) if self.tokenizer_path else None
         self._check_vocabulary(tokenizer)
         self.document_eos = self._document_eos(tokenizer)
-        self.goldfish: GoldfishConfig | None = goldfish_config(args, tokenizer.special_ids if tokenizer else ())
+        self.goldfish: GoldfishConfig | None = goldfish_config(args, tokenizer.special_ids if tokenizer else (),
+                                                               goldfish_boundary_id(args, tokenizer))
         self.ignore_index = self.goldfish.ignore_index if self.goldfish else -100
         self.memorization = None
         if args.memorization_eval_interval:
@@ -230,6 +232,8 @@ class Job:
         mine = json.loads(json.dumps(self.client_state()))  # as the checkpoint's JSON holds it (tuples as lists)
         with self.memory.measure("resume"):
             state = self.checkpoints.load(self.engine, tag, reshard_to=mine["layout"] if self.args.reshard else None)
+        if state["goldfish"] is not None:  # written before boundary_id existed: it had no boundaries
+            state["goldfish"].setdefault("boundary_id", None)
         for key, what in (("goldfish", "goldfish settings (the masks would change mid-run)"),
                           ("model", "model config"), ("layout", "batch layout"), ("data_rows", "training data")):
             if key == "layout" and self.args.reshard:
