@@ -107,6 +107,32 @@ def test_kernels_equal_the_reference_with_dense_boundaries(strategy, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("strategy", ["hash-table", "hash-rolling", "static"])
+def test_sft_boundaries_are_read_in_the_window_ids(strategy, device):
+    """Packed SFT rows: the boundaries are found in window_ids (the token content), so a prompt's EOS that labels
+    mask as -100 still starts a new segment; the kernels equal the reference, and hashing the -100 labels would not
+    give this mask."""
+    gen = torch.Generator().manual_seed(3)
+    window_ids = torch.randint(3, 50, (4, 600), generator=gen)
+    window_ids[:, 97::120] = 2  # a document ends every 120 targets
+    labels = window_ids.clone()
+    labels[:, :35] = -100
+    for eos in range(97, 600, 120):  # unsupervised: the end of each document and the prompt after it
+        labels[:, eos - 5:eos + 36] = -100
+    cfg = GoldfishConfig(k=3, h=13, strategy=strategy, boundary_id=2, exempt_ids=(2,))
+    expected = reference_goldfish_mask(labels, cfg, window_ids=window_ids)
+    got = goldfish_mask(labels.to(device), cfg, window_ids=window_ids.to(device)).cpu()
+    assert torch.equal(got, expected)
+    assert torch.equal(apply_goldfish(labels.to(device), cfg, window_ids=window_ids.to(device)).cpu(),
+                       torch.where(expected, torch.tensor(-100), labels))
+    segments = [reference_goldfish_mask(labels[:, a:b], cfg, window_ids=window_ids[:, a:b])
+                for a, b in zip([0, *range(98, 600, 120)], [*range(98, 600, 120), 600])]
+    assert torch.equal(expected, torch.cat(segments, dim=1))  # each document masked as if alone
+    assert not expected[labels == -100].any() and expected.any()
+    assert not torch.equal(expected, reference_goldfish_mask(labels, cfg))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_large_outputs_with_boundaries_equal_the_reference(device):
     """64 x 4096 labels (2 MiB of masked labels: the CPU streams them) with a boundary every 1000 labels, through
     the hash-table pass that writes the outputs itself and then rewrites those whose window crossed a boundary."""
