@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from transformers import (
     AutoTokenizer,
     DataCollatorForSeq2Seq,
+    DataCollatorWithFlattening,
     LlamaForCausalLM,
     Trainer,
     TrainingArguments,
@@ -348,6 +349,9 @@ def test_bad_settings_are_clear_errors(tiny_dir, rows, tmp_path):
         no_labels(unlabelled)
     with pytest.raises(ValueError, match="shift_labels"):
         no_labels([{**r, "shift_labels": r["labels"]} for r in rows[:2]])
+    flattening = GoldfishDataCollator(DataCollatorWithFlattening(), CFG)  # transformers' padding-free collator
+    with pytest.raises(ValueError, match="padding-free batches"):
+        flattening([{"input_ids": r["input_ids"]} for r in rows[:2]])
     with pytest.raises(ValueError, match="labels must be an int64 \\[batch, seq\\] tensor"):
         goldfish_labels(rows[0]["labels"], CFG)
     with pytest.raises(ValueError, match="labels must be an int64 \\[batch, seq\\] tensor"):

@@ -156,7 +156,7 @@ class GoldfishDataCollator:
 
     def __call__(self, features: list) -> dict:
         batch = self.collator(features)
-        _check_no_shift_labels(batch, "GoldfishDataCollator")
+        _check_supported_batch(batch, "GoldfishDataCollator")
         if "labels" not in batch:
             raise ValueError(f"GoldfishDataCollator: the wrapped collator's batch has no 'labels' (keys: "
                              f"{sorted(batch)})")
@@ -165,10 +165,16 @@ class GoldfishDataCollator:
         return batch
 
 
-def _check_no_shift_labels(batch: dict, caller: str) -> None:
+def _check_supported_batch(batch: dict, caller: str) -> None:
+    """Refuses the batch layouts whose goldfish windows would span examples or be misaligned: pre-shifted labels
+    and padding-free rows (several examples flattened into one row, told apart only by their position_ids)."""
     if "shift_labels" in batch:
         raise ValueError(f"{caller}: batches with pre-shifted 'shift_labels' (padding-free or context-parallel "
                          "collators) are not supported; give causal-LM 'labels' only")
+    if "position_ids" in batch and "attention_mask" not in batch:
+        raise ValueError(f"{caller}: padding-free batches ('position_ids' without 'attention_mask', e.g. TRL's "
+                         "padding_free=True or transformers' DataCollatorWithFlattening) are not supported: their "
+                         "goldfish windows would span examples; use a padding collator")
 
 
 class GoldfishTrainerMixin:
@@ -204,7 +210,7 @@ class GoldfishTrainerMixin:
         batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
         counts = torch.zeros(2, dtype=torch.int64)  # supervised and dropped targets
         for batch in batch_samples:
-            _check_no_shift_labels(batch, type(self).__name__)
+            _check_supported_batch(batch, type(self).__name__)
             if "labels" not in batch:
                 raise ValueError(f"{type(self).__name__}: training batches need causal-LM 'labels' (keys: "
                                  f"{sorted(batch)}); give the data collator labels, e.g. "
@@ -225,7 +231,7 @@ class GoldfishTrainerMixin:
         if not model.training:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
-        _check_no_shift_labels(inputs, type(self).__name__)
+        _check_supported_batch(inputs, type(self).__name__)
         model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
         outputs = model(**model_inputs)
         loss = goldfish_causal_lm_loss(outputs.logits, inputs["labels"], self.goldfish, num_items_in_batch,
