@@ -1,4 +1,4 @@
-"""Tokenize documents into packed token shards (memory-mapped, uint16 or uint32) with a manifest.
+r"""Tokenize documents into packed token shards (memory-mapped, uint16 or uint32) with a manifest.
 
 Each document is encoded, prefixed with BOS and followed by EOS when the tokenizer has them, and the
 documents are concatenated into shards; docs_*.npy record where each starts. With --canary, those documents
