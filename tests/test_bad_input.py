@@ -348,6 +348,9 @@ API_REFUSALS = [
     Refusal("scale_rows op scale of another length",
             lambda t, d: ops.scale_rows_(torch.zeros(4, 10), torch.ones(3)), RuntimeError,
             r"scale must be float32 with 1 or N = 4 elements"),
+    Refusal("vocab-parallel reduction passed where the group goes",
+            lambda t, d: vocab_parallel_goldfish_cross_entropy(*logits_labels(), CFG, "sum"), TypeError,
+            r"group must be a torch.distributed ProcessGroup or None, got 'sum' \(reduction is its 5th argument"),
     # vocab-parallel loss, on real gloo ranks
     Refusal("vocab-parallel label in the TP padding [V, V_padded)", on_tp2(tp_padded_vocab), ValueError,
             r"labels must be in \[0, 99\) \(vocab_size 99, padded to 100 for 2 shards of 50\) or ignore_index=-100; "

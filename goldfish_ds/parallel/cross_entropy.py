@@ -95,6 +95,9 @@ def vocab_parallel_goldfish_cross_entropy(
     """
     check_loss_inputs(local_logits, labels, reduction, "vocab_parallel_goldfish_cross_entropy")
     check_device_supported(local_logits.device)
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"vocab_parallel_goldfish_cross_entropy: group must be a torch.distributed ProcessGroup or "
+                        f"None, got {group!r} (reduction is its 5th argument: pass it as reduction=...)")
     group = default_tensor_parallel_group(group)
     rank, world = group_rank_and_size(group)
     if world == 1:
