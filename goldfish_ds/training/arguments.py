@@ -272,17 +272,24 @@ def parse_exempt_ids(spec: str, special_ids: tuple) -> tuple:
                          f"got {spec!r}") from None
 
 
+def required_eos_id(tokenizer: Tokenizer | None, option: str, use: str, alternative: str = "") -> int:
+    """The EOS id of `tokenizer` (None when the run has none) for `option`, which `use`s it; a ValueError naming
+    the option (and `alternative`, another way out) when there is no EOS id."""
+    if tokenizer is None:
+        raise ValueError(f"{option} {use}: give the data's --tokenizer, as this run has no tokenizer{alternative}")
+    if tokenizer.eos_id is None:
+        raise ValueError(f"{option} {use}, but tokenizer {tokenizer.path} has no EOS token: give a --tokenizer "
+                         f"with an EOS token{alternative}")
+    return tokenizer.eos_id
+
+
 def goldfish_boundary_id(args: argparse.Namespace, tokenizer: Tokenizer | None) -> int | None:
     """--goldfish_boundaries: None for 'none'; for 'reset' the EOS id of `tokenizer` (a Tokenizer, or None when
     the run has none), with an error naming the option when there is no EOS id to cut at."""
     if args.goldfish_boundaries == "none":
         return None
-    eos_id = tokenizer.eos_id if tokenizer is not None else None
-    if eos_id is None:
-        what = f"the tokenizer {tokenizer.path} has no EOS token" if tokenizer else "this run has no tokenizer"
-        raise ValueError(f"--goldfish_boundaries reset cuts rows at the tokenizer's EOS id, but {what}: give a "
-                         "--tokenizer with an EOS token, or --goldfish_boundaries none")
-    return eos_id
+    return required_eos_id(tokenizer, "--goldfish_boundaries reset", "cuts rows at the tokenizer's EOS id",
+                           ", or --goldfish_boundaries none")
 
 
 def goldfish_config(args: argparse.Namespace, special_ids: tuple, boundary_id: int | None = None

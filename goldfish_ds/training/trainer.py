@@ -49,6 +49,7 @@ from goldfish_ds.training.arguments import (
     DEFAULT_GPU_DEEPSPEED_CONFIG,
     goldfish_boundary_id,
     goldfish_config,
+    required_eos_id,
 )
 from goldfish_ds.training.builtin_corpus import prepare_builtin_corpus
 from goldfish_ds.training.checkpoint import CheckpointManager, check_shared_directory
@@ -123,7 +124,9 @@ class Job:
         self.val_set = PackedTokenDataset(self.val_dir, args.seq_len) if self.val_dir else None
         tokenizer = load_tokenizer(self.tokenizer_path) if self.tokenizer_path else None
         self._check_vocabulary(tokenizer)
-        self.document_eos = self._document_eos(tokenizer)
+        self.document_eos = (required_eos_id(tokenizer, "--document_attention",  # the EOS that ends documents
+                                             "finds the documents of a packed row by their EOS tokens")
+                             if args.document_attention else None)
         self.goldfish: GoldfishConfig | None = goldfish_config(args, tokenizer.special_ids if tokenizer else (),
                                                                goldfish_boundary_id(args, tokenizer))
         self.ignore_index = self.goldfish.ignore_index if self.goldfish else -100
@@ -179,18 +182,6 @@ class Job:
         if self.train_set.vocab_size > vocab:
             raise ValueError(f"data {self.data_dir} was tokenized with a vocabulary of {self.train_set.vocab_size}, "
                              f"larger than the model's vocab_size {vocab}")
-
-    def _document_eos(self, tokenizer: Tokenizer | None) -> int | None:
-        """The EOS id that ends documents under --document_attention, None without it."""
-        if not self.args.document_attention:
-            return None
-        if tokenizer is None:
-            raise ValueError("--document_attention finds the documents of a packed row by their EOS tokens: give "
-                             "the data's --tokenizer too")
-        if tokenizer.eos_id is None:
-            raise ValueError(f"--document_attention finds the documents of a packed row by their EOS tokens, but "
-                             f"tokenizer {self.tokenizer_path} has no EOS token")
-        return tokenizer.eos_id
 
     def _build_engine(self, deepspeed):
         """The model under zero.Init with ZeRO-3 (from --init_from_hf too: each rank fills its own partitions),
