@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from goldfish_ds.data.sources import read_records
+from goldfish_ds.data.sources import read_jsonl_records
 from goldfish_ds.data.tokenizer import Tokenizer
 
 SFT_FORMATS = ("chat", "prompt_response")
@@ -135,5 +135,5 @@ def read_sft_examples(paths: Iterable[str], sft_format: str, tok: Tokenizer) -> 
     if sft_format not in SFT_FORMATS:
         raise ValueError(f"read_sft_examples: sft_format must be one of {list(SFT_FORMATS)}, got {sft_format!r}")
     encode = encode_chat if sft_format == "chat" else encode_prompt_response
-    for where, record in read_records(paths):
+    for where, record in read_jsonl_records(paths):
         yield encode(tok, record, where)

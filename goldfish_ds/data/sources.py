@@ -33,7 +33,7 @@ def read_documents(paths: Iterable[str], text_field: str = "text") -> Iterator[s
         yield from (text for text in texts if text)
 
 
-def read_records(paths: Iterable[str]) -> Iterator[tuple[str, dict]]:
+def read_jsonl_records(paths: Iterable[str]) -> Iterator[tuple[str, dict]]:
     """Yield ("FILE:LINE", record) for every JSON object of the .jsonl inputs (blank lines skipped)."""
     for name in paths:
         path, _ = _resolve(name)

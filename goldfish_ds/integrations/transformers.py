@@ -169,7 +169,7 @@ def _check_supported_batch(batch: dict, caller: str) -> None:
     """Refuses the batch layouts whose goldfish windows would span examples or be misaligned: pre-shifted labels
     and padding-free rows (several examples flattened into one row, told apart only by their position_ids)."""
     if "shift_labels" in batch:
-        raise ValueError(f"{caller}: batches with pre-shifted 'shift_labels' (padding-free or context-parallel "
+        raise ValueError(f"{caller}: batches with pre-shifted 'shift_labels' (context-parallel "
                          "collators) are not supported; give causal-LM 'labels' only")
     if "position_ids" in batch and "attention_mask" not in batch:
         raise ValueError(f"{caller}: padding-free batches ('position_ids' without 'attention_mask', e.g. TRL's "
