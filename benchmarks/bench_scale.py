@@ -4,8 +4,8 @@ against transformers' LlamaForCausalLM under the same DeepSpeed config.
 For each model (default: TinyLlama-1.1B, configs/models/tinyllama-1.1b.json, and Llama-3.2-1B,
 configs/models/llama-3.2-1b.json, with its 128256-token vocabulary) and layout (`dp2`: ZeRO-3 over 2 data-parallel
 ranks, `deepspeed --num_gpus 2`; `tp2`: tensor parallelism over 2 ranks, `mpirun -np 2 ... --tensor_parallel 2`),
-configs/deepspeed/zero3_cpu.json with micro-batch 1, --dtype (default bf16: DeepSpeed's mixed precision, bf16
-weights and gradients, fp32 master weights and AdamW states) and rows of --seq_len tokens (the built-in corpus,
+configs/deepspeed/zero3_cpu.json with micro-batch 1, --dtype (default fp32; bf16: DeepSpeed's mixed precision,
+bf16 weights and gradients, fp32 master weights and AdamW states) and rows of --seq_len tokens (the built-in corpus,
 tokenized with a 4096-token sentencepiece model, so its ids fit either vocabulary), it runs:
   1. scripts/pretrain.py from a random initialisation for 3 optimizer steps, then the end-of-run checkpoint and
      the sharded HF export (--hf_max_shard_size): phases init, engine, train, checkpoint, export;
@@ -29,11 +29,11 @@ before any model is built: Python, torch, DeepSpeed, which no estimate counts):
   export writer: peak - held <= one shard + one decoder layer or the largest tensor + 1 GiB; others: <= 1 GiB
 Tokens/s: median over the steps of run 3 (ours) and run 4 (HF) after the first (warm-up), run one after the other (a
 billion-parameter model pair does not fit in 24 GiB at once, so they are not interleaved): ratio >= 0.95.
-Why bf16 by default: fp32 ZeRO-3 costs DeepSpeed 0.19.8 20 bytes per parameter on a CPU rank, not 16: its
-stage-3 optimizer keeps the fp32 model partition as its master copy only when `tensor.device == current_device_name()`,
-which compares a torch.device with a str ('cpu') and is always False, so it clones it. A 1.1B model then needs 22 GB
-of model states on 2 ranks, more than this 24 GiB machine has beside two Python processes; in bf16 it needs 17.6 GB
-(2 + 2 + 4 + 8 bytes), which is also the precision DeepSpeed's estimate (18 bytes) is made for.
+Model states: fp32 ZeRO-3 costs 16 bytes a parameter (weights, gradients, two AdamW moments) because the pipeline
+builds DeepSpeed's optimizer under fp32_master_shares_partition (goldfish_ds/training/zero3_master_weights.py;
+DeepSpeed 0.19.8 alone clones the fp32 partition as its master copy: 20 bytes), and so does the HF worker; bf16
+mixed precision costs 16 too (2 + 2 + 4 + 8). DeepSpeed's estimate (18 bytes a parameter) is made for mixed
+precision and bounds both.
 About 8 (tp2) to 25 (dp2, with the HF run) minutes per model on 2 cores; each run's directory (up to 20 GB of
 checkpoints) is deleted after its model unless --keep. Usage:
   python benchmarks/bench_scale.py [--models tinyllama-1.1b llama-3.2-1b] [--layouts dp2 tp2] [--seq_len 64]
@@ -293,7 +293,7 @@ def main() -> None:
     p.add_argument("--layouts", nargs="+", default=["dp2", "tp2"], choices=["dp2", "tp2"])
     p.add_argument("--seq_len", type=int, default=64)
     p.add_argument("--steps", type=int, default=5, help="timed optimizer steps of ours and HF (the first is dropped)")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="precision of the runs (see above)")
+    p.add_argument("--dtype", default="fp32", choices=["bf16", "fp32"], help="precision of the runs (see above)")
     p.add_argument("--out_dir", default=str(REPO / "runs" / "bench_scale"))
     p.add_argument("--keep", action="store_true", help="keep each run's checkpoints and exports")
     p.add_argument("--json", help="also write the results here")

@@ -25,6 +25,7 @@ from goldfish_ds.training.deepspeed_config import load_deepspeed_config
 from goldfish_ds.training.metrics import peak_rss_bytes, reset_peak_rss
 from goldfish_ds.training.optim import adamw, lr_scheduler
 from goldfish_ds.training.trainer import select_accelerator, unlink_deepspeed_shm_buffer
+from goldfish_ds.training.zero3_master_weights import fp32_master_shares_partition
 
 
 def load_into_zero3(model: torch.nn.Module, directory: Path) -> None:
@@ -77,10 +78,11 @@ def main() -> None:
         model = transformers.LlamaForCausalLM(hf_config)
     load_into_zero3(model, Path(args.hf_dir))
     optimizer = adamw(model, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=ds_config, mpu=mpu, dist_init_required=False,
-        lr_scheduler=lambda opt: lr_scheduler(opt, lr=args.lr, min_lr=args.lr / 10, warmup_steps=0,
-                                              max_steps=args.steps))
+    with fp32_master_shares_partition():  # as the pipeline does: the same DeepSpeed memory in fp32
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=ds_config, mpu=mpu, dist_init_required=False,
+            lr_scheduler=lambda opt: lr_scheduler(opt, lr=args.lr, min_lr=args.lr / 10, warmup_steps=0,
+                                                  max_steps=args.steps))
     peaks["build"] = peak_rss_bytes()
 
     data = PackedTokenDataset(args.data, args.seq_len)

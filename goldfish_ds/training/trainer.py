@@ -63,6 +63,7 @@ from goldfish_ds.training.metrics import HostMemoryPhases, MetricsLogger
 from goldfish_ds.training.optim import adamw, lr_scheduler
 from goldfish_ds.training.partitions import load_hf_into_partitions
 from goldfish_ds.training.preemption import StopRequests
+from goldfish_ds.training.zero3_master_weights import fp32_master_shares_partition
 
 ARGS_FILE = "args.json"
 
@@ -200,10 +201,11 @@ class Job:
                 (load_hf_into_partitions if zero3 else load_hf_llama)(model, args.init_from_hf)
         with self.memory.measure("engine"):
             optimizer = adamw(model, lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
-            engine, _, _, _ = deepspeed.initialize(
-                model=model, optimizer=optimizer, config=self.ds_config, mpu=mpu, dist_init_required=False,
-                lr_scheduler=lambda opt: lr_scheduler(opt, lr=args.lr, min_lr=args.min_lr,
-                                                      warmup_steps=args.warmup_steps, max_steps=args.max_steps))
+            with fp32_master_shares_partition():  # fp32: 16 bytes a parameter, not DeepSpeed's 20
+                engine, _, _, _ = deepspeed.initialize(
+                    model=model, optimizer=optimizer, config=self.ds_config, mpu=mpu, dist_init_required=False,
+                    lr_scheduler=lambda opt: lr_scheduler(opt, lr=args.lr, min_lr=args.min_lr,
+                                                          warmup_steps=args.warmup_steps, max_steps=args.max_steps))
         return engine
 
     # ---- state --------------------------------------------------------------------------------------
