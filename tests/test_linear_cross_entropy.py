@@ -17,10 +17,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from conftest import DEVICES
 from distributed import run_distributed
-from goldfish_ds import GoldfishConfig, goldfish_cross_entropy, goldfish_linear_cross_entropy
+from goldfish_ds import GoldfishConfig, goldfish_cross_entropy, goldfish_linear_cross_entropy, goldfish_mask
 from goldfish_ds.linear_cross_entropy import plan_chunk_rows
 from goldfish_ds.parallel import copy_to_tensor_parallel_region, vocab_parallel_goldfish_linear_cross_entropy
 from goldfish_ds.reference import reference_goldfish_mask
@@ -155,6 +157,39 @@ def test_the_chunk_budget_rule():
     assert plan_chunk_rows(10, 1000, 64, 4, None) == 1  # never below one row
     assert plan_chunk_rows(10, 1000, 64, 4, 1) == 1
     assert plan_chunk_rows(10, 1000, 64, 4, 3 * 1128 * 4) == 3
+
+
+class TensorsMade(TorchDispatchMode):
+    """Records (shape, bytes) of every tensor an ATen op returns (allocations and in-place results alike)."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.made += [(tuple(t.shape), t.nbytes) for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        return out
+
+
+def test_no_temporary_exceeds_the_chunk_budget():
+    """Besides the two gradient buffers ([N, H], [V, H]), no tensor is larger than 5% of the N x V logits, and
+    the chunks are the planned size; the unfused path, watched the same way, makes the whole logits."""
+    N, H, V = 600, 16, 500
+    hidden, weight, labels = case((N,), H=H, V=V)
+    logits_bytes = N * V * 4
+    rows = plan_chunk_rows(N, V, H, 4, None)
+    assert rows == int(0.05 * logits_bytes) // ((V + 2 * H) * 4) == 28
+    goldfish_mask(labels, CFG)  # builds and caches the hash-table strategy's table (8 MB) once per process
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with TensorsMade() as fused:
+        goldfish_linear_cross_entropy(h, w, labels, CFG).backward()
+    temporaries = [(shape, size) for shape, size in fused.made if shape not in ((N, H), (V, H))]
+    assert max(size for _, size in temporaries) <= 0.05 * logits_bytes
+    assert (rows, V) in [shape for shape, _ in temporaries]
+    with TensorsMade() as unfused:
+        goldfish_cross_entropy(F.linear(hidden.clone().requires_grad_(), weight), labels, CFG).backward()
+    assert max(size for _, size in unfused.made) >= logits_bytes
 
 
 def test_stats_equal_the_fused_loss_on_the_same_logits():
