@@ -100,12 +100,13 @@ def test_matches_torch_float64(reduction, cfg, shape, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_bfloat16_matches_torch_float64(reduction, device):
-    hidden, weight, labels = case(dtype=torch.bfloat16, V=300, device=device)
+def test_half_precision_matches_torch_float64(reduction, dtype, device):
+    hidden, weight, labels = case(dtype=dtype, V=300, device=device)
     upstream = upstream_for(labels, reduction)
     ours = run_op(hidden, weight, labels, CFG, reduction, upstream)
-    assert_matches(ours, torch_reference(hidden, weight, labels, CFG, reduction, upstream), torch.bfloat16)
+    assert_matches(ours, torch_reference(hidden, weight, labels, CFG, reduction, upstream), dtype)
 
 
 def test_window_ids_and_exempt_ids_decide_the_mask():
@@ -212,6 +213,16 @@ def test_without_gradients_only_the_loss():
     w = weight.clone().requires_grad_()  # a frozen body: only the head trains
     goldfish_linear_cross_entropy(hidden, w, labels, CFG).backward()
     assert rel(w.grad, torch_reference(hidden, weight, labels, CFG, "mean", None)[2]) <= tol(torch.float32)
+
+
+def test_non_contiguous_hidden_and_weight():
+    hidden, weight, labels = case()
+    h = hidden.transpose(0, 1).contiguous().requires_grad_()  # [T, B, H], viewed as [B, T, H] below
+    w = weight.t().contiguous().requires_grad_()  # [H, V], viewed as [V, H] below
+    goldfish_linear_cross_entropy(h.transpose(0, 1), w.t(), labels, CFG, "sum").backward()
+    ref = torch_reference(hidden, weight, labels, CFG, "sum", None)
+    assert rel(h.grad.transpose(0, 1), ref[1]) <= tol(torch.float32)
+    assert rel(w.grad.t(), ref[2]) <= tol(torch.float32)
 
 
 def test_no_kept_row_is_a_zero_loss_and_zero_gradients():
