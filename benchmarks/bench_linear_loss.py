@@ -51,8 +51,7 @@ def parse_shape(text: str) -> Tuple[int, int]:
     """'HxV' -> (H, V), both positive."""
     match = re.fullmatch(r"(\d+)x(\d+)", text)
     if not match or min(map(int, match.groups())) < 1:
-        raise argparse.ArgumentTypeError(f"--shapes: expected HxV with positive integers (e.g. 2048x128256), "
-                                         f"got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected HxV with positive integers (e.g. 2048x128256), got {text!r}")
     return int(match.group(1)), int(match.group(2))
 
 
@@ -189,10 +188,10 @@ def main() -> None:
         return memory_probe(method, int(N), int(H), int(V), dtype_name)
     if min(args.n) < 1 or args.repeats < 1:
         parser.error(f"--n and --repeats must be positive integers, got --n {args.n} --repeats {args.repeats}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: CUDA is not available here (use --device cpu)")
     if not (args.device == "cpu" or args.device.startswith("cuda")):
         parser.error(f"--device must be cpu or cuda[:index], got {args.device!r}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available here (use --device cpu)")
     methods = list(METHODS)
     if args.device.startswith("cuda") and importlib.util.find_spec("liger_kernel") is not None:
         methods.append("liger")
