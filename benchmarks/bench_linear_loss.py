@@ -12,7 +12,8 @@ logits the unfused paths allocate. CPU: the RSS high-water mark (VmHWM, reset th
 fresh process per method and case, run with MALLOC_MMAP_THRESHOLD_=131072 so freed temporaries leave the RSS;
 CUDA: torch.cuda.max_memory_allocated, and CUDA events for time. Usage:
   python benchmarks/bench_linear_loss.py [--device cpu|cuda] [--shapes 2048x128256 4096x32000] [--n 4096 8192]
-                                         [--dtypes fp32 bf16] [--repeats 3] [--json results.json]
+                                         [--dtypes fp32 bf16] [--repeats 3] [--chunk_fraction 0.05]
+                                         [--json results.json]
 The default run is long on a small CPU (each torch call at 8192 x 2048 x 128256 costs three 4.3 TFLOP GEMMs);
 validate on a small case first, e.g. --shapes 256x4096 --n 512 --dtypes fp32 --repeats 2.
 """
@@ -26,7 +27,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -64,57 +65,59 @@ def make_inputs(N: int, H: int, V: int, dtype: torch.dtype, device: str):
     return hidden, weight, labels
 
 
-def loss_of(method: str, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-            masked: torch.Tensor) -> torch.Tensor:
-    """The mean goldfish loss over kept targets, by `method` (labels: the targets; masked: dropped ones ignored)."""
+def loss_of(method: str, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, masked: torch.Tensor,
+            chunk_bytes: Optional[int]) -> torch.Tensor:
+    """The mean goldfish loss over kept targets, by `method` (labels: the targets; masked: dropped ones ignored;
+    chunk_bytes: the fused op's chunk budget, None for its default)."""
     if method == "torch":
         return F.cross_entropy(F.linear(hidden, weight), masked, ignore_index=CFG.ignore_index)
     if method == "today":
         return goldfish_cross_entropy(F.linear(hidden, weight), labels, CFG)
     if method == "fused":
-        return goldfish_linear_cross_entropy(hidden, weight, labels, CFG)
+        return goldfish_linear_cross_entropy(hidden, weight, labels, CFG, chunk_bytes=chunk_bytes)
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
     return LigerFusedLinearCrossEntropyLoss(ignore_index=CFG.ignore_index)(weight, hidden, masked)
 
 
-def forward_backward(method: str, hidden, weight, labels, masked) -> Tuple[torch.Tensor, torch.Tensor]:
+def forward_backward(method: str, hidden, weight, labels, masked, chunk_bytes: Optional[int]
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
     """dL/dhidden and dL/dweight of the loss by `method`."""
-    return torch.autograd.grad(loss_of(method, hidden, weight, labels, masked), (hidden, weight))
+    return torch.autograd.grad(loss_of(method, hidden, weight, labels, masked, chunk_bytes), (hidden, weight))
 
 
-def extra_peak_bytes(method: str, hidden, weight, labels, masked, device: str) -> int:
+def extra_peak_bytes(method: str, hidden, weight, labels, masked, chunk_bytes: Optional[int], device: str) -> int:
     """Peak memory of one forward + backward above what the inputs (held before) and the two gradients take."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        grads = forward_backward(method, hidden, weight, labels, masked)
+        grads = forward_backward(method, hidden, weight, labels, masked, chunk_bytes)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
         base = reset_peak_rss()
         if base is None:
             raise RuntimeError("bench_linear_loss: CPU memory is measured through /proc/self (Linux only)")
-        grads = forward_backward(method, hidden, weight, labels, masked)
+        grads = forward_backward(method, hidden, weight, labels, masked, chunk_bytes)
         peak = peak_rss_bytes()
     return peak - base - sum(g.nbytes for g in grads)
 
 
-def memory_probe(method: str, N: int, H: int, V: int, dtype_name: str) -> None:
+def memory_probe(method: str, N: int, H: int, V: int, dtype_name: str, chunk_bytes: Optional[int]) -> None:
     """In a fresh process: print the extra peak bytes of one CPU call (after a small call pays one-time costs)."""
     hidden, weight, labels = make_inputs(N, H, V, DTYPES[dtype_name], "cpu")
     masked = apply_goldfish(labels, CFG)
     head = hidden[:64].detach().requires_grad_()  # thread pools, code pages and the mask table first
-    forward_backward(method, head, weight, labels[:64], masked[:64])
+    forward_backward(method, head, weight, labels[:64], masked[:64], chunk_bytes)
     del head
-    print(extra_peak_bytes(method, hidden, weight, labels, masked, "cpu"))
+    print(extra_peak_bytes(method, hidden, weight, labels, masked, chunk_bytes, "cpu"))
 
 
-def cpu_extra_peak_bytes(method: str, N: int, H: int, V: int, dtype_name: str) -> int:
+def cpu_extra_peak_bytes(method: str, N: int, H: int, V: int, dtype_name: str, chunk_bytes: Optional[int]) -> int:
     """extra_peak_bytes on the CPU, measured in a fresh child process (its own VmHWM, no heap left by others)."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-    out = subprocess.run([sys.executable, __file__, "--memory-probe", method, str(N), str(H), str(V), dtype_name],
-                         check=True, capture_output=True, text=True, env=env)
+    out = subprocess.run([sys.executable, __file__, "--memory-probe", method, str(N), str(H), str(V), dtype_name,
+                          str(chunk_bytes)], check=True, capture_output=True, text=True, env=env)
     return int(out.stdout.strip().splitlines()[-1])
 
 
@@ -137,20 +140,24 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "MISSED"
 
 
-def bench_case(N: int, H: int, V: int, dtype_name: str, methods: List[str], device: str, repeats: int) -> Dict:
-    """Times and extra peak memory of every method on one case."""
+def bench_case(N: int, H: int, V: int, dtype_name: str, methods: List[str], device: str, repeats: int,
+               chunk_fraction: Optional[float]) -> Dict:
+    """Times and extra peak memory of every method on one case (the fused op's chunk budget: chunk_fraction of
+    the logits, None for its default)."""
+    logits_bytes = N * V * DTYPES[dtype_name].itemsize
+    chunk_bytes = None if chunk_fraction is None else max(1, int(chunk_fraction * logits_bytes))
     hidden, weight, labels = make_inputs(N, H, V, DTYPES[dtype_name], device)
     masked = apply_goldfish(labels, CFG)
     kept = masked.ne(CFG.ignore_index).float().mean().item()
-    times = time_interleaved({m: (lambda m=m: forward_backward(m, hidden, weight, labels, masked)) for m in methods},
-                             device, repeats)
+    times = time_interleaved({m: (lambda m=m: forward_backward(m, hidden, weight, labels, masked, chunk_bytes))
+                              for m in methods}, device, repeats)
     if device.startswith("cuda"):
-        memory = {m: extra_peak_bytes(m, hidden, weight, labels, masked, device) for m in methods}
+        memory = {m: extra_peak_bytes(m, hidden, weight, labels, masked, chunk_bytes, device) for m in methods}
     else:
         del hidden, weight  # the child processes need the room
-        memory = {m: cpu_extra_peak_bytes(m, N, H, V, dtype_name) for m in methods}
+        memory = {m: cpu_extra_peak_bytes(m, N, H, V, dtype_name, chunk_bytes) for m in methods}
     synchronize(device)
-    return dict(N=N, H=H, V=V, dtype=dtype_name, kept_fraction=kept, logits_bytes=N * V * DTYPES[dtype_name].itemsize,
+    return dict(N=N, H=H, V=V, dtype=dtype_name, kept_fraction=kept, logits_bytes=logits_bytes, chunk_bytes=chunk_bytes,
                 **{f"{m}_s": times[m] for m in methods}, **{f"{m}_extra_bytes": memory[m] for m in methods})
 
 
@@ -180,14 +187,21 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES),
                         help="dtypes of hidden and weight (default: fp32 bf16)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds per method (median reported; default 3)")
-    parser.add_argument("--memory-probe", nargs=5, metavar=("METHOD", "N", "H", "V", "DTYPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--chunk_fraction", type=float,
+                        help="the fused op's chunk budget (chunk_bytes) as a fraction of the N x V logits, in (0, 1] "
+                             "(default: the op's own default)")
+    parser.add_argument("--memory-probe", nargs=6, metavar=("METHOD", "N", "H", "V", "DTYPE", "CHUNK_BYTES"),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
     if args.memory_probe:
-        method, N, H, V, dtype_name = args.memory_probe
-        return memory_probe(method, int(N), int(H), int(V), dtype_name)
+        method, N, H, V, dtype_name, chunk_bytes = args.memory_probe
+        return memory_probe(method, int(N), int(H), int(V), dtype_name,
+                            None if chunk_bytes == "None" else int(chunk_bytes))
     if min(args.n) < 1 or args.repeats < 1:
         parser.error(f"--n and --repeats must be positive integers, got --n {args.n} --repeats {args.repeats}")
+    if args.chunk_fraction is not None and not 0 < args.chunk_fraction <= 1:
+        parser.error(f"--chunk_fraction must be in (0, 1], got {args.chunk_fraction}")
     if not (args.device == "cpu" or args.device.startswith("cuda")):
         parser.error(f"--device must be cpu or cuda[:index], got {args.device!r}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -196,12 +210,13 @@ def main() -> None:
     if args.device.startswith("cuda") and importlib.util.find_spec("liger_kernel") is not None:
         methods.append("liger")
 
-    results = [bench_case(N, H, V, dtype_name, methods, args.device, args.repeats)
+    results = [bench_case(N, H, V, dtype_name, methods, args.device, args.repeats, args.chunk_fraction)
                for H, V in args.shapes for N in args.n for dtype_name in args.dtypes]
     print(f"device={args.device}: {machine(args.device)}; torch={torch.__version__} threads={torch.get_num_threads()} "
           f"repeats={args.repeats} (median ms, fwd+bwd to dL/dhidden and dL/dweight; goldfish k=4 h=13, kept "
           f"{100 * min(r['kept_fraction'] for r in results):.1f}-{100 * max(r['kept_fraction'] for r in results):.1f}% "
-          f"of the targets)")
+          f"of the targets; fused chunk budget: "
+          f"{'its default' if args.chunk_fraction is None else f'{args.chunk_fraction:g} of the logits'})")
     print(f"targets (issue 15): fused/today <= {MAX_TIME_VS_TODAY}; torch/fused >= {MIN_SPEEDUP_VS_TORCH:.0f}x; fused "
           f"extra peak memory <= {100 * MAX_EXTRA_MEMORY:.0f}% of the logits"
           + ("; fused/liger time <= 1 with less memory" if "liger" in methods else ""))
