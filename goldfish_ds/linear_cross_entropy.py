@@ -49,7 +49,7 @@ def _chunks(rows: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
         yield rows[start:start + size]
 
 
-class _Problem:
+class _ChunkedLMHeadLoss:
     """One call's tensors: hidden [N, H], the weight [V, H] and its rows in use [V', H] (the rest is vocabulary
     padding), labels [N] (local_labels [N]: the id within this shard, or -1, under tensor parallelism)."""
 
@@ -80,6 +80,7 @@ class _Problem:
             _, logits = self.logits(rows_c)
             row_loss.index_copy_(0, rows_c, ops.cross_entropy_loss(logits, self.labels.index_select(0, rows_c),
                                                                    None, self.ignore_index, False))
+            del logits  # before the next chunk's: one chunk alive at a time
 
     def global_lse(self, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Pass 1 under tensor parallelism: (lse, row loss) [N] of `rows` over the whole vocabulary."""
@@ -93,6 +94,7 @@ class _Problem:
             lse_c, target_c = ops.vocab_parallel_stats(logits, self.local_labels.index_select(0, rows_c), None)
             lse_local.index_copy_(0, rows_c, lse_c)
             target_logit.index_copy_(0, rows_c, target_c)
+            del logits
         return global_log_sum_exp(lse_local, target_logit, self.group)
 
     def gradients(self, rows: torch.Tensor, lse: Optional[torch.Tensor], grad_scale: torch.Tensor,
@@ -112,6 +114,7 @@ class _Problem:
                 grad_hidden.index_copy_(0, rows_c, torch.mm(logits, self.weight))
             if grad_weight is not None:
                 grad_weight.addmm_(logits.t(), h_c)
+            del h_c, logits
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -119,26 +122,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
     recomputes them with the per-row upstream gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, problem: _Problem, kept, stats_rows, reduction):
+    def forward(ctx, hidden, weight, head: _ChunkedLMHeadLoss, kept, stats_rows, reduction):
         kept_rows = kept.nonzero().squeeze(1)
         grad_scale = gradient_scale(kept, reduction)
         row_loss = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lse = None
-        if problem.group is not None:
-            lse, row_loss = problem.global_lse(stats_rows.nonzero().squeeze(1))
+        if head.group is not None:
+            lse, row_loss = head.global_lse(stats_rows.nonzero().squeeze(1))
             row_loss = torch.where(stats_rows, row_loss, 0.0)
         elif stats_rows is not kept:
-            problem.row_losses((stats_rows & ~kept).nonzero().squeeze(1), row_loss)
+            head.row_losses((stats_rows & ~kept).nonzero().squeeze(1), row_loss)
 
-        grads = _zero_gradients(ctx.needs_input_grad, hidden, weight)
-        if any(g is not None for g in grads) and reduction != "none":
-            problem.gradients(kept_rows, lse, grad_scale, None, grads[0], _rows_in_use(grads[1], problem),
-                              row_loss)
-        elif problem.group is None:
-            problem.row_losses(kept_rows, row_loss)
-        if reduction == "none":  # backward recomputes: keep what it needs (not the gradients)
-            ctx.problem, ctx.lse, ctx.kept_rows, ctx.grad_scale = problem, lse, kept_rows, grad_scale
-            grads = (None, None)
+        grads = (None, None)
+        if any(ctx.needs_input_grad[:2]) and reduction != "none":
+            grads = _zero_gradients(ctx.needs_input_grad, hidden, weight)
+            head.gradients(kept_rows, lse, grad_scale, None, grads[0], _rows_in_use(grads[1], head), row_loss)
+        elif head.group is None:
+            head.row_losses(kept_rows, row_loss)
+        if reduction == "none":  # backward recomputes the gradients: keep what it needs
+            ctx.head, ctx.lse, ctx.kept_rows, ctx.grad_scale = head, lse, kept_rows, grad_scale
         ctx.reduction = reduction
         ctx.save_for_backward(*grads)
         ctx.mark_non_differentiable(row_loss)
@@ -147,11 +149,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_row_loss):
         if ctx.reduction == "none":  # per-row upstream gradients: recompute the chunks' gradients with them
-            problem = ctx.problem
-            grad_hidden, grad_weight = _zero_gradients(ctx.needs_input_grad, problem.hidden, problem.full_weight)
-            problem.gradients(ctx.kept_rows, ctx.lse, ctx.grad_scale, grad_loss.detach().to(torch.float32).reshape(-1),
-                              grad_hidden, _rows_in_use(grad_weight, problem), None)
-            ctx.problem = None
+            head = ctx.head
+            grad_hidden, grad_weight = _zero_gradients(ctx.needs_input_grad, head.hidden, head.full_weight)
+            row_scale = grad_loss.detach().to(torch.float32).reshape(-1)
+            head.gradients(ctx.kept_rows, ctx.lse, ctx.grad_scale, row_scale, grad_hidden,
+                           _rows_in_use(grad_weight, head), None)
+            ctx.head = None
         else:
             grad_hidden, grad_weight = ctx.saved_tensors
             for grad in (grad_hidden, grad_weight):
@@ -167,9 +170,9 @@ def _zero_gradients(needs_input_grad, hidden: torch.Tensor, weight: torch.Tensor
                  for t, needed in zip((hidden, weight), needs_input_grad[:2]))
 
 
-def _rows_in_use(grad_weight: Optional[torch.Tensor], problem: _Problem) -> Optional[torch.Tensor]:
+def _rows_in_use(grad_weight: Optional[torch.Tensor], head: _ChunkedLMHeadLoss) -> Optional[torch.Tensor]:
     """The rows of the weight gradient that the GEMMs accumulate into (padding rows stay 0)."""
-    return None if grad_weight is None else grad_weight[:problem.weight.shape[0]]
+    return None if grad_weight is None else grad_weight[:head.weight.shape[0]]
 
 
 def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, reduction: str,
@@ -217,9 +220,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     local_labels = torch.where(in_shard, flat_labels - vocab_offset, -1) if group is not None else None
     chunk_rows = plan_chunk_rows(flat_hidden.shape[0], weight.shape[0], weight.shape[1], weight.element_size(),
                                  chunk_bytes)
-    problem = _Problem(flat_hidden, weight, vocab_in_use, flat_labels, local_labels, ignore_index, chunk_rows, group)
+    head = _ChunkedLMHeadLoss(flat_hidden, weight, vocab_in_use, flat_labels, local_labels, ignore_index, chunk_rows,
+                              group)
     stats_rows = valid if return_stats and dropped is not None else kept
-    loss, row_loss = _LinearCrossEntropy.apply(flat_hidden, weight, problem, kept, stats_rows, reduction)
+    loss, row_loss = _LinearCrossEntropy.apply(flat_hidden, weight, head, kept, stats_rows, reduction)
     if reduction == "none":
         loss = loss.reshape(labels.shape)
     if not return_stats:
