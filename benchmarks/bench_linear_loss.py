@@ -9,8 +9,8 @@ For each shape H x V (LM head weight [V, H]), N rows of hidden [N, H] and dtype,
 with goldfish k=4 h=13 (hash-table), in interleaved rounds (median after one dropped warm-up round), and each
 method's extra peak memory: the peak above what the inputs and the two gradients take, printed beside the N x V
 logits the unfused paths allocate. CPU: the RSS high-water mark (VmHWM, reset through /proc/self/clear_refs) of a
-fresh process per method and case, run with MALLOC_MMAP_THRESHOLD_=131072 so freed temporaries leave the RSS;
-CUDA: torch.cuda.max_memory_allocated, and CUDA events for time. Usage:
+second call in a fresh process per method and case, run with MALLOC_MMAP_THRESHOLD_=131072 so freed temporaries
+leave the RSS; CUDA: torch.cuda.max_memory_allocated (after the timed calls), and CUDA events for time. Usage:
   python benchmarks/bench_linear_loss.py [--device cpu|cuda] [--shapes 2048x128256 4096x32000] [--n 4096 8192]
                                          [--dtypes fp32 bf16] [--repeats 3] [--chunk_fraction 0.05]
                                          [--json results.json]
@@ -104,12 +104,11 @@ def extra_peak_bytes(method: str, hidden, weight, labels, masked, chunk_bytes: O
 
 
 def memory_probe(method: str, N: int, H: int, V: int, dtype_name: str, chunk_bytes: Optional[int]) -> None:
-    """In a fresh process: print the extra peak bytes of one CPU call (after a small call pays one-time costs)."""
+    """In a fresh process: print the extra peak bytes of a CPU call in steady state, i.e. of a second call (the
+    first pays one-time costs: thread pools, code pages, the GEMMs' buffers for these shapes, about 10 MiB)."""
     hidden, weight, labels = make_inputs(N, H, V, DTYPES[dtype_name], "cpu")
     masked = apply_goldfish(labels, CFG)
-    head = hidden[:64].detach().requires_grad_()  # thread pools, code pages and the mask table first
-    forward_backward(method, head, weight, labels[:64], masked[:64], chunk_bytes)
-    del head
+    forward_backward(method, hidden, weight, labels, masked, chunk_bytes)
     print(extra_peak_bytes(method, hidden, weight, labels, masked, chunk_bytes, "cpu"))
 
 
