@@ -31,13 +31,26 @@ def interleaved_samples(fns: Dict[str, Callable[[], None]], device: str, repeats
         for name, fn in (order[::-1] if reverse_odd_rounds and round_ % 2 else order):
             if setup is not None:
                 setup()
-            synchronize(device)
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            synchronize(device)
-            samples[name].append((time.perf_counter() - start) / calls)
+            samples[name].append(_seconds_per_call(fn, device, calls))
     return {name: times[warmup:] for name, times in samples.items()}
+
+
+def _seconds_per_call(fn: Callable[[], None], device: str, calls: int = 1) -> float:
+    """Seconds per call of `calls` back-to-back calls of fn, started after the device's queued work: timed by
+    CUDA events on a GPU (the stream's own clock), perf_counter otherwise."""
+    synchronize(device)
+    if device.startswith("cuda"):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / calls  # elapsed_time is in milliseconds
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
 
 
 def time_interleaved(fns: Dict[str, Callable[[], None]], device: str, repeats: int,

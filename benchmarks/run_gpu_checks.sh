@@ -16,5 +16,6 @@ status=0
   python3 benchmarks/bench_loss.py --device cuda --repeats 20 --cases 4096x32000:fp32 4096x32000:bf16 \
     8192x32000:fp32 8192x32000:bf16 2048x128256:fp32 2048x128256:bf16 || status=1
   python3 benchmarks/bench_mask.py --device cuda --repeats 20 --batch 64x8192 || status=1
+  python3 benchmarks/bench_linear_loss.py --device cuda --repeats 10 || status=1
   exit $status
 } 2>&1 | tee "$log"
