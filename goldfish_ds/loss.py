@@ -87,22 +87,29 @@ class _FusedCrossEntropy(torch.autograd.Function):
         return scale_saved_gradient(ctx.saved_tensors[0], grad_loss), None, None, None, None, None, None, None
 
 
-def check_loss_inputs(logits: torch.Tensor, labels: torch.Tensor, reduction: str, caller: str) -> None:
-    """Python-side checks shared by the losses: shapes, dtypes, devices and the reduction name."""
+def check_loss_inputs(logits: torch.Tensor, labels: torch.Tensor, reduction: str, caller: str,
+                      name: str = "logits", last_dim: str = "V") -> None:
+    """Python-side checks shared by the losses: shapes, dtypes, devices and the reduction name.
+
+    name / last_dim: what the input is called in the messages (the fused linear loss checks its
+    hidden states [.., H] here).
+    """
     if reduction not in REDUCTIONS:
         raise ValueError(f"{caller}: reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
     if not isinstance(logits, torch.Tensor) or logits.dim() not in (2, 3):
-        raise ValueError(f"{caller}: logits must be a [B, T, V] or [N, V] tensor, got "
+        raise ValueError(f"{caller}: {name} must be a [B, T, {last_dim}] or [N, {last_dim}] tensor, got "
                          f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
     if logits.shape[-1] < 1:
-        raise ValueError(f"{caller}: logits need a vocabulary dimension V >= 1, got shape {tuple(logits.shape)}")
+        raise ValueError(f"{caller}: {name} need a last dimension {last_dim} >= 1, got shape {tuple(logits.shape)}")
     if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(f"{caller}: labels must have shape {tuple(logits.shape[:-1])} (logits' shape without V), "
-                         f"got {tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+        raise ValueError(f"{caller}: labels must have shape {tuple(logits.shape[:-1])} ({name}' shape without "
+                         f"{last_dim}), got "
+                         f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
     if labels.dtype != torch.int64:
         raise TypeError(f"{caller}: labels must be int64 (torch.long), got {labels.dtype}")
     if labels.device != logits.device:
-        raise ValueError(f"{caller}: labels ({labels.device}) and logits ({logits.device}) must be on the same device")
+        raise ValueError(f"{caller}: labels ({labels.device}) and {name} ({logits.device}) must be on the same "
+                         "device")
 
 
 def goldfish_cross_entropy(

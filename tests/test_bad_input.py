@@ -35,14 +35,14 @@ import torch.distributed as dist
 from conftest import DEVICES
 from distributed import run_distributed
 from test_kernels import RECORDED_CPUS
-from goldfish_ds import GoldfishConfig, goldfish_cross_entropy, goldfish_mask
+from goldfish_ds import GoldfishConfig, goldfish_cross_entropy, goldfish_linear_cross_entropy, goldfish_mask
 from goldfish_ds.data import (CanarySet, PackedTokenDataset, ShardedSampler, builtin_documents, load_tokenizer,
                               read_documents, train_sentencepiece, write_packed_shards)
 from goldfish_ds.kernels import check_cpu_supports
 from goldfish_ds.models import Llama, LlamaConfig, documents_from_eos, llama_from_hf, save_hf_llama
 from goldfish_ds.models.hf import HFCheckpoint, parse_size
 from goldfish_ds.parallel import (destroy_model_parallel, initialize_model_parallel, scatter_to_tensor_parallel_region,
-                                  vocab_parallel_goldfish_cross_entropy)
+                                  vocab_parallel_goldfish_cross_entropy, vocab_parallel_goldfish_linear_cross_entropy)
 from goldfish_ds.parallel.distributed import expand_hostlist, launch_environment
 from goldfish_ds.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                          VocabParallelLMHead)
@@ -65,6 +65,21 @@ def with_label(value: int, V: int = 300, device: str = "cpu"):
     logits, labels = logits_labels(V, device)
     labels[1, 3] = value
     return logits, labels
+
+
+def hidden_weight_labels(V: int = 300, H: int = 8, device: str = "cpu", label: Optional[int] = None):
+    """The inputs of the fused linear losses: hidden [2, 8, H], weight [V, H], labels [2, 8]."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, V, (2, 8), generator=g)
+    if label is not None:
+        labels[1, 3] = label
+    return (torch.randn(2, 8, H, generator=g).to(device), torch.randn(V, H, generator=g).to(device),
+            labels.to(device))
+
+
+def map_second(inputs: tuple, change: Callable) -> tuple:
+    """inputs with change() applied to the second (the weight)."""
+    return (inputs[0], change(inputs[1]), *inputs[2:])
 
 
 def write_json(path: Path, value) -> str:
@@ -232,6 +247,13 @@ def tp_shards(rank: int, labels_change: Optional[Callable] = None, **kwargs):
     return vocab_parallel_goldfish_cross_entropy(local, labels, CFG, dist.group.WORLD, **kwargs)
 
 
+def tp_linear_shards(rank: int, label: Optional[int] = None, **kwargs):
+    """vocab_parallel_goldfish_linear_cross_entropy on 2 ranks holding 100 weight rows each."""
+    hidden, weight, labels = hidden_weight_labels(200, label=label)
+    return vocab_parallel_goldfish_linear_cross_entropy(hidden, weight[rank * 100:(rank + 1) * 100], labels, CFG,
+                                                        dist.group.WORLD, **kwargs)
+
+
 def label_at(value: int):
     def change(rank: int, labels: torch.Tensor) -> None:
         labels[1, 3] = value(rank) if callable(value) else value
@@ -329,6 +351,37 @@ API_REFUSALS = [
             lambda t, d: goldfish_cross_entropy(torch.zeros(1, 2, 3), torch.zeros(1, 2, dtype=torch.int64), CFG,
                                                 "avg"),
             ValueError, r"reduction must be one of \['mean', 'sum', 'none'\]"),
+    # the fused linear loss (LM head + loss)
+    *[Refusal(f"goldfish_linear_cross_entropy label {bad}", lambda t, d, bad=bad: goldfish_linear_cross_entropy(
+        *hidden_weight_labels(device=d, label=bad), CFG), ValueError,
+        rf"labels must be in \[0, 300\) \(vocab_size 300\) or ignore_index=-100; found {bad}", devices=True)
+      for bad in (300, -1)],
+    Refusal("goldfish_linear_cross_entropy float64 hidden and weight",
+            lambda t, d: goldfish_linear_cross_entropy(*[x.double() for x in hidden_weight_labels()[:2]],
+                                                       hidden_weight_labels()[2], CFG),
+            TypeError, "hidden must be float32, bfloat16 or float16, got torch.float64"),
+    Refusal("goldfish_linear_cross_entropy weight of another dtype",
+            lambda t, d: goldfish_linear_cross_entropy(*map_second(hidden_weight_labels(), lambda w: w.bfloat16()),
+                                                       CFG),
+            TypeError, r"weight \(torch.bfloat16\) and hidden \(torch.float32\) must have the same dtype"),
+    Refusal("goldfish_linear_cross_entropy weight of another hidden size",
+            lambda t, d: goldfish_linear_cross_entropy(*map_second(hidden_weight_labels(), lambda w: w[:, :5]), CFG),
+            ValueError, r"weight must be a \[V, H\] tensor with V >= 1 and H = 8 \(hidden's last dimension\), got "
+            r"\(300, 5\)"),
+    Refusal("goldfish_linear_cross_entropy weight on another device",
+            lambda t, d: goldfish_linear_cross_entropy(*map_second(hidden_weight_labels(), lambda w: w.to("meta")),
+                                                       CFG),
+            ValueError, r"weight \(meta\) and hidden \(cpu\) must be on the same device"),
+    Refusal("goldfish_linear_cross_entropy 1-D hidden",
+            lambda t, d: goldfish_linear_cross_entropy(torch.zeros(8), torch.zeros(3, 8),
+                                                       torch.zeros(1, dtype=torch.int64), CFG),
+            ValueError, r"hidden must be a \[B, T, H\] or \[N, H\] tensor"),
+    *[Refusal(f"goldfish_linear_cross_entropy chunk_bytes={bad!r}", lambda t, d, bad=bad: goldfish_linear_cross_entropy(
+        *hidden_weight_labels(), CFG, chunk_bytes=bad), ValueError,
+        rf"chunk_bytes must be a positive int \(bytes\) or None .*got {re.escape(repr(bad))}") for bad in (0, "1MB")],
+    Refusal("vocab-parallel linear loss: reduction passed where the group goes",
+            lambda t, d: vocab_parallel_goldfish_linear_cross_entropy(*hidden_weight_labels(), CFG, "sum"), TypeError,
+            r"group must be a torch.distributed ProcessGroup or None, got 'sum' \(reduction is its 6th argument"),
     Refusal("loss op labels of another length",
             lambda t, d: ops.cross_entropy_loss(torch.zeros(4, 10), torch.zeros(3, dtype=torch.int64), None, -100,
                                                 False),
@@ -359,6 +412,12 @@ API_REFUSALS = [
             r"labels must be in \[0, 200\) \(vocab_size 200\) or ignore_index=-100; found 200", ranks=2),
     Refusal("vocab-parallel vocab_size that the shards cannot hold", lambda r: tp_shards(r, vocab_size=100),
             ValueError, r"vocab_size must be an int in \(100, 200\] \(2 shards of 100 logits\), got 100", ranks=2),
+    Refusal("vocab-parallel linear loss: label in the TP padding", lambda r: tp_linear_shards(r, 199, vocab_size=199),
+            ValueError, r"labels must be in \[0, 199\) \(vocab_size 199, padded to 200 for 2 shards of 100\) or "
+            r"ignore_index=-100; found 199", ranks=2),
+    Refusal("vocab-parallel linear loss: vocab_size that the shards cannot hold",
+            lambda r: tp_linear_shards(r, vocab_size=100), ValueError,
+            r"vocab_size must be an int in \(100, 200\] \(2 shards of 100 logits\), got 100", ranks=2),
     Refusal("vocab-parallel labels that differ between ranks",
             lambda r: tp_shards(r, label_at(lambda rank: rank), check_labels_match=True), ValueError,
             "labels differ between the tensor-parallel ranks", ranks=2),

@@ -3,6 +3,7 @@ from goldfish_ds.parallel.cross_entropy import vocab_parallel_goldfish_cross_ent
 from goldfish_ds.parallel.distributed import LaunchEnvironment, init_distributed, launch_environment
 from goldfish_ds.parallel.layers import (ColumnParallelLinear, LossTargets, RowParallelLinear,
                                          VocabParallelEmbedding, VocabParallelLMHead)
+from goldfish_ds.parallel.linear_cross_entropy import vocab_parallel_goldfish_linear_cross_entropy
 from goldfish_ds.parallel.mappings import (copy_to_tensor_parallel_region, gather_from_tensor_parallel_region,
                                            reduce_from_tensor_parallel_region, scatter_to_tensor_parallel_region)
 from goldfish_ds.parallel.state import (
@@ -42,4 +43,5 @@ __all__ = [
     "tensor_parallel_rank",
     "tensor_parallel_world_size",
     "vocab_parallel_goldfish_cross_entropy",
+    "vocab_parallel_goldfish_linear_cross_entropy",
 ]

@@ -21,6 +21,21 @@ from goldfish_ds.mask import goldfish_mask
 from goldfish_ds.parallel.state import default_tensor_parallel_group, group_rank_and_size
 
 
+def global_log_sum_exp(lse_local: torch.Tensor, target_logit: torch.Tensor,
+                       group: Optional[dist.ProcessGroup]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(lse, row loss) [N] over the whole vocabulary from each shard's local log-sum-exp and target logit [N]
+    (0 where the target is another shard's): 2 all-reduces on `group` (None: one shard, no communication),
+    the MAX of [N] floats, then the SUM of [2, N] floats."""
+    global_max = lse_local.clone()
+    if group is not None:
+        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+    sums = torch.stack([torch.exp(lse_local - global_max), target_logit])
+    if group is not None:
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    lse = global_max + torch.log(sums[0])
+    return lse, lse - sums[1]
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Statistics pass, two all-reduces, then the gradient pass (in place by default); backward rescales."""
 
@@ -28,14 +43,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, local_labels, kept, stats_rows, reduction, in_place, group):
         # Local statistics of the rows whose loss is wanted (kept, plus dropped ones for diagnostics).
         lse_local, target_logit = ops.vocab_parallel_stats(logits, local_labels, ~stats_rows)
-        global_max = lse_local.clone()
-        if group is not None:
-            dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
-        sums = torch.stack([torch.exp(lse_local - global_max), target_logit])
-        if group is not None:
-            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-        lse = global_max + torch.log(sums[0])
-        row_loss = lse - sums[1]
+        lse, row_loss = global_log_sum_exp(lse_local, target_logit, group)
 
         grad_scale = gradient_scale(kept, reduction)
         if ctx.needs_input_grad[0]:
@@ -62,6 +70,28 @@ def _check_labels_match(labels: torch.Tensor, group: dist.ProcessGroup) -> None:
     if both[0] != -both[1]:
         raise ValueError("vocab_parallel_goldfish_cross_entropy: labels differ between the tensor-parallel ranks "
                          "(every rank of a TP group must see the same batch)")
+
+
+def checked_vocab_size(vocab_size: Optional[int], shard: int, world: int, caller: str) -> int:
+    """The real vocabulary V for `world` shards of `shard` ids (default shard x world): refused unless an int in
+    (shard x (world - 1), shard x world], so that every shard holds at least one real id."""
+    padded = shard * world
+    vocab = padded if vocab_size is None else vocab_size
+    if not (isinstance(vocab, int) and not isinstance(vocab, bool) and padded - shard < vocab <= padded):
+        raise ValueError(f"{caller}: vocab_size must be an int in ({padded - shard}, {padded}] ({world} shards of "
+                         f"{shard} logits), got {vocab_size!r}")
+    return vocab
+
+
+def check_label_range(flat_labels: torch.Tensor, valid: torch.Tensor, vocab: int, shard: int, world: int,
+                      ignore_index: int, caller: str) -> None:
+    """ValueError unless every valid label [N] is in [0, vocab) (one host sync)."""
+    bad = valid & ((flat_labels < 0) | (flat_labels >= vocab))
+    if bad.any():
+        padded = shard * world
+        padding = f", padded to {padded} for {world} shards of {shard}" if vocab < padded else ""
+        raise ValueError(f"{caller}: labels must be in [0, {vocab}) (vocab_size {vocab}{padding}) or "
+                         f"ignore_index={ignore_index}; found {flat_labels[bad][0].item()}")
 
 
 def vocab_parallel_goldfish_cross_entropy(
@@ -108,17 +138,9 @@ def vocab_parallel_goldfish_cross_entropy(
     flat_labels = labels.reshape(-1).contiguous()
     if check_labels_match and group is not None:
         _check_labels_match(flat_labels, group)
-    padded = shard * world
-    vocab = padded if vocab_size is None else vocab_size
-    if not (isinstance(vocab, int) and padded - shard < vocab <= padded):
-        raise ValueError(f"vocab_parallel_goldfish_cross_entropy: vocab_size must be an int in "
-                         f"({padded - shard}, {padded}] ({world} shards of {shard} logits), got {vocab_size!r}")
+    vocab = checked_vocab_size(vocab_size, shard, world, "vocab_parallel_goldfish_cross_entropy")
     valid = flat_labels.ne(ignore_index)
-    bad = valid & ((flat_labels < 0) | (flat_labels >= vocab))
-    if bad.any():  # the one host sync of the checks
-        padding = f", padded to {padded} for {world} shards of {shard}" if vocab < padded else ""
-        raise ValueError(f"vocab_parallel_goldfish_cross_entropy: labels must be in [0, {vocab}) (vocab_size "
-                         f"{vocab}{padding}) or ignore_index={ignore_index}; found {flat_labels[bad][0].item()}")
+    check_label_range(flat_labels, valid, vocab, shard, world, ignore_index, "vocab_parallel_goldfish_cross_entropy")
     if cfg is None:
         dropped = torch.zeros_like(valid)
     else:

@@ -1,0 +1,246 @@
+"""goldfish_linear_cross_entropy and its vocab-parallel form against torch in float64 (logits = hidden @ W^T,
+then F.cross_entropy on the labels masked by the plain-torch reference mask), and TP=2 against TP=1.
+
+Tolerances come from the dtype, on norm-relative errors: 2 eps(dtype) + KERNEL_EXP_ERROR. The op rounds to
+the input dtype four times on the way to a gradient (the logits chunk, the gradient chunk, the GEMM output, the
+accumulated weight gradient), each within eps/2 relative, accumulates every GEMM in float32, and the compiled
+kernels' exponential is within 2e-7 relative (csrc/cross_entropy_cpu.cpp); the reference is float64 on the
+same (dtype-rounded) inputs. (Logits of ~1e4 in bfloat16 carry an absolute rounding of ~40, which moves the
+softmax itself; the extreme-logits test is float32, as for the unfused loss.)
+
+A float64 gradcheck does not apply: the compiled kernels compute in float32 whatever the inputs (float32 row
+losses and log-sum-exps are part of their contract), so a float64 instantiation would still carry float32
+rounding, far above gradcheck's finite-difference tolerance. The gradients are checked against float64 torch
+autograd instead, and linearity in the upstream gradient by the "none" reduction with random row weights.
+"""
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from conftest import DEVICES
+from distributed import run_distributed
+from goldfish_ds import GoldfishConfig, goldfish_cross_entropy, goldfish_linear_cross_entropy
+from goldfish_ds.linear_cross_entropy import plan_chunk_rows
+from goldfish_ds.parallel import copy_to_tensor_parallel_region, vocab_parallel_goldfish_linear_cross_entropy
+from goldfish_ds.reference import reference_goldfish_mask
+
+CFG = GoldfishConfig(k=4, h=3, exempt_ids=(1,))
+KERNEL_EXP_ERROR = 2e-7
+EXEMPT = 1
+
+
+def tol(dtype: torch.dtype) -> float:
+    return 2 * torch.finfo(dtype).eps + KERNEL_EXP_ERROR
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+
+
+def case(shape=(3, 40), H=24, V=97, dtype=torch.float32, scale=1.0, seed=0, device="cpu"):
+    """hidden [*shape, H], weight [V, H], labels [*shape] with ignored positions and many exempt ids."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(*shape, H, generator=g) * scale).to(dtype)
+    weight = (torch.randn(V, H, generator=g) / H ** 0.5).to(dtype)
+    labels = torch.randint(0, V, shape, generator=g)
+    flat = labels.view(-1)
+    flat[5:9] = -100
+    flat[::7] = EXEMPT
+    return hidden.to(device), weight.to(device), labels.to(device)
+
+
+def torch_reference(hidden, weight, labels, cfg, reduction, upstream, window_ids=None):
+    """(loss, dL/dhidden, dL/dweight) in float64 through torch's F.cross_entropy; upstream weights the
+    per-row losses of reduction "none"."""
+    h = hidden.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_()
+    target = labels.clone()
+    if cfg is not None:
+        target[reference_goldfish_mask(labels, cfg, window_ids=window_ids)] = cfg.ignore_index
+    logits = (h @ w.t()).reshape(-1, w.shape[0])
+    loss = F.cross_entropy(logits, target.reshape(-1), reduction=reduction)
+    if reduction == "none":
+        loss = loss.reshape(labels.shape)
+    (loss * upstream if reduction == "none" else loss).sum().backward()
+    return loss.detach(), h.grad, w.grad
+
+
+def run_op(hidden, weight, labels, cfg, reduction, upstream, **kwargs):
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    loss = goldfish_linear_cross_entropy(h, w, labels, cfg, reduction, **kwargs)
+    (loss * upstream if reduction == "none" else loss).sum().backward()
+    return loss.detach(), h.grad, w.grad
+
+
+def upstream_for(labels, reduction):
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(labels.shape, generator=g).to(labels.device) + 0.5 if reduction == "none" else None
+
+
+def assert_matches(ours, ref, dtype):
+    for name, a, b in zip(("loss", "dL/dhidden", "dL/dweight"), ours, ref):
+        assert a.dtype == (torch.float32 if name == "loss" else dtype), name
+        assert torch.isfinite(a).all(), name
+        assert rel(a, b) <= tol(dtype), (name, rel(a, b), tol(dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(3, 40), (120,)], ids=["BTH", "NH"])
+@pytest.mark.parametrize("cfg", [CFG, None], ids=["goldfish", "standard"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_matches_torch_float64(reduction, cfg, shape, device):
+    hidden, weight, labels = case(shape, device=device)
+    upstream = upstream_for(labels, reduction)
+    ours = run_op(hidden, weight, labels, cfg, reduction, upstream)
+    assert_matches(ours, torch_reference(hidden, weight, labels, cfg, reduction, upstream), torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_bfloat16_matches_torch_float64(reduction, device):
+    hidden, weight, labels = case(dtype=torch.bfloat16, V=300, device=device)
+    upstream = upstream_for(labels, reduction)
+    ours = run_op(hidden, weight, labels, CFG, reduction, upstream)
+    assert_matches(ours, torch_reference(hidden, weight, labels, CFG, reduction, upstream), torch.bfloat16)
+
+
+def test_window_ids_and_exempt_ids_decide_the_mask():
+    """SFT: -100 prompt labels, the mask hashed over window_ids; exempt targets always in the loss."""
+    hidden, weight, labels = case()
+    window_ids = labels.clamp(min=0)
+    labels[:, :12] = -100  # the prompts
+    ours = run_op(hidden, weight, labels, CFG, "sum", None, window_ids=window_ids)
+    assert_matches(ours, torch_reference(hidden, weight, labels, CFG, "sum", None, window_ids), torch.float32)
+    without = run_op(hidden, weight, labels, CFG, "sum", None)  # hashed over labels: another mask
+    assert rel(without[0], ours[0]) > 1e-3
+    exempt = labels.eq(EXEMPT)
+    assert exempt.sum() >= 10 and (ours[1][exempt].abs().sum(-1) > 0).all()
+
+
+def test_dropped_and_ignored_rows_get_exactly_zero_hidden_gradient():
+    hidden, weight, labels = case()
+    _, grad_hidden, _ = run_op(hidden, weight, labels, CFG, "mean", None)
+    left_out = reference_goldfish_mask(labels, CFG) | labels.eq(-100)
+    assert left_out.sum() >= 20
+    assert torch.equal(grad_hidden[left_out], torch.zeros_like(grad_hidden[left_out]))
+    assert (grad_hidden[~left_out].abs().sum(-1) > 0).all()
+
+
+def test_extreme_logits_stay_finite_and_exact():
+    """Hidden norms of ~1e4 give logits of ~1e4 (a one-hot softmax): no overflow, no NaN."""
+    hidden, weight, labels = case(scale=3e3)
+    ours = run_op(hidden, weight, labels, CFG, "mean", None)
+    ref = torch_reference(hidden, weight, labels, CFG, "mean", None)
+    assert ref[0] > 1e3
+    assert_matches(ours, ref, torch.float32)
+
+
+def test_many_small_chunks_equal_one_chunk():
+    hidden, weight, labels = case()
+    one_row = run_op(hidden, weight, labels, CFG, "mean", None, chunk_bytes=1)
+    seven_rows = run_op(hidden, weight, labels, CFG, "mean", None, chunk_bytes=7 * (97 + 2 * 24) * 4)
+    one_chunk = run_op(hidden, weight, labels, CFG, "mean", None, chunk_bytes=1 << 40)
+    for ours in (one_row, seven_rows):
+        assert torch.equal(ours[0], one_chunk[0])  # the kernel's rows do not depend on the chunking
+        assert rel(ours[1], one_chunk[1]) <= tol(torch.float32)  # GEMM blocking and
+        assert rel(ours[2], one_chunk[2]) <= tol(torch.float32)  # accumulation order differ
+
+
+def test_the_chunk_budget_rule():
+    # the default: 5% of the N x V logits, divided by one row's logits + hidden row + its gradient
+    assert plan_chunk_rows(8192, 128256, 2048, 2, None) == int(0.05 * 8192 * 128256 * 2) // ((128256 + 4096) * 2)
+    assert plan_chunk_rows(8192, 128256, 2048, 2, None) * (128256 + 4096) * 2 <= 0.05 * 8192 * 128256 * 2
+    assert plan_chunk_rows(10, 1000, 64, 4, None) == 1  # never below one row
+    assert plan_chunk_rows(10, 1000, 64, 4, 1) == 1
+    assert plan_chunk_rows(10, 1000, 64, 4, 3 * 1128 * 4) == 3
+
+
+def test_stats_equal_the_fused_loss_on_the_same_logits():
+    hidden, weight, labels = case()
+    loss, stats = goldfish_linear_cross_entropy(hidden, weight, labels, CFG, return_stats=True, chunk_bytes=2000)
+    ref_loss, ref_stats = goldfish_cross_entropy(hidden @ weight.t(), labels, CFG, return_stats=True)
+    assert rel(loss, ref_loss) <= tol(torch.float32)
+    assert stats.dropped_tokens > 0
+    for name in ("kept_tokens", "dropped_tokens"):
+        assert torch.equal(getattr(stats, name), getattr(ref_stats, name)), name
+    for name in ("drop_rate", "loss_kept", "loss_all_tokens", "loss_dropped_tokens"):
+        assert rel(getattr(stats, name), getattr(ref_stats, name)) <= tol(torch.float32), name
+
+
+def test_without_gradients_only_the_loss():
+    hidden, weight, labels = case()
+    with torch.no_grad():
+        loss = goldfish_linear_cross_entropy(hidden, weight, labels, CFG)
+    assert rel(loss, torch_reference(hidden, weight, labels, CFG, "mean", None)[0]) <= tol(torch.float32)
+    w = weight.clone().requires_grad_()  # a frozen body: only the head trains
+    goldfish_linear_cross_entropy(hidden, w, labels, CFG).backward()
+    assert rel(w.grad, torch_reference(hidden, weight, labels, CFG, "mean", None)[2]) <= tol(torch.float32)
+
+
+def test_no_kept_row_is_a_zero_loss_and_zero_gradients():
+    hidden, weight, labels = case()
+    labels.fill_(-100)
+    loss, grad_hidden, grad_weight = run_op(hidden, weight, labels, CFG, "mean", None)
+    assert loss == 0 and not grad_hidden.any() and not grad_weight.any()
+
+
+# ---- tensor parallelism: 2 gloo ranks against TP=1 ------------------------------------------------------------
+
+def check_tp_matches_tp1(rank, world, V, dtype, reduction, return_stats):
+    """Each rank holds ceil(V/2) weight rows (rank 1 a padding row holding huge values: never in the softmax)."""
+    shard = -(-V // world)
+    hidden, weight, labels = case(V=V, dtype=dtype)
+    padded = torch.cat([weight, torch.full((shard * world - V, weight.shape[1]), 1e4, dtype=dtype)])
+    local = padded[rank * shard:(rank + 1) * shard].clone().requires_grad_()
+    h = hidden.clone().requires_grad_()
+    upstream = upstream_for(labels, reduction)
+
+    calls = []
+    all_reduce = dist.all_reduce
+    dist.all_reduce = lambda *a, **k: calls.append(a[0].shape) or all_reduce(*a, **k)
+    try:
+        out = vocab_parallel_goldfish_linear_cross_entropy(
+            copy_to_tensor_parallel_region(h, dist.group.WORLD), local, labels, CFG, dist.group.WORLD, reduction,
+            return_stats=return_stats, vocab_size=V, chunk_bytes=3000)
+        n = labels.numel()
+        assert calls == [(n,), (2, n)]  # the MAX of [N] and the SUM of [2, N] floats, stats included
+        loss, stats = out if return_stats else (out, None)
+        (loss * upstream if reduction == "none" else loss).sum().backward()
+        assert calls[2:] == [h.shape]  # backward: only copy_to_tensor_parallel_region's all-reduce of dL/dhidden
+    finally:
+        dist.all_reduce = all_reduce
+
+    ref = run_op(hidden, weight, labels, CFG, reduction, upstream)
+    real = min(shard, V - rank * shard)
+    assert rel(loss, ref[0]) <= tol(dtype)
+    assert rel(h.grad, ref[1]) <= tol(dtype)
+    assert rel(local.grad[:real], ref[2][rank * shard:rank * shard + real]) <= tol(dtype)
+    assert torch.equal(local.grad[real:], torch.zeros_like(local.grad[real:]))  # padding: no gradient
+    if return_stats:
+        _, ref_stats = goldfish_linear_cross_entropy(hidden, weight, labels, CFG, return_stats=True)
+        for name in ("kept_tokens", "dropped_tokens", "loss_kept", "loss_all_tokens", "loss_dropped_tokens"):
+            assert rel(getattr(stats, name), getattr(ref_stats, name)) <= tol(dtype), name
+
+
+def body_tp_matches_tp1(rank, world):
+    for V, dtype, reduction, return_stats in [(97, torch.float32, "mean", True), (97, torch.float32, "none", False),
+                                              (96, torch.float32, "sum", True),
+                                              (301, torch.bfloat16, "mean", False)]:
+        check_tp_matches_tp1(rank, world, V, dtype, reduction, return_stats)
+
+
+def test_tp2_matches_tp1_with_vocabulary_padding():
+    run_distributed(body_tp_matches_tp1, 2)
+
+
+def test_tp1_with_padding_rows_equals_the_single_device_op():
+    hidden, weight, labels = case(V=97)
+    padded = torch.cat([weight, torch.full((3, weight.shape[1]), 1e4)])
+    w = padded.clone().requires_grad_()
+    loss = vocab_parallel_goldfish_linear_cross_entropy(hidden, w, labels, CFG, vocab_size=97)
+    loss.backward()
+    ref = run_op(hidden, weight, labels, CFG, "mean", None)
+    assert rel(loss, ref[0]) <= tol(torch.float32) and rel(w.grad[:97], ref[2]) <= tol(torch.float32)
+    assert not w.grad[97:].any()
