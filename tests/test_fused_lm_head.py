@@ -183,3 +183,11 @@ def test_fused_head_reproduces_the_loss_curve(jobs, request):
     assert len(records(fused)) + len(records(fused, "skipped")) == 20
     if jobs == "dp2_jobs":
         assert [r["step"] for r in records(fused, "skipped")] == [4]
+
+
+def test_fused_head_in_bf16_follows_the_logits_path(corpus, tmp_path):
+    """bf16 weights (DeepSpeed's bf16): the fused curve stays within the bf16 rounding that
+    tests/test_training.py::test_bf16_on_cpu_follows_the_fp32_curve allows (rtol 0.01) over 6 steps, one rank."""
+    runs = job_pair(corpus, tmp_path, "python", 1, ds_config(tmp_path / "bf16.json", 2, 2, bf16={"enabled": True}),
+                    "--max_steps", "6", "--eval_interval", "0")
+    np.testing.assert_allclose(losses(runs["--fused_lm_head"]), losses(runs["--no-fused_lm_head"]), rtol=0.01)
