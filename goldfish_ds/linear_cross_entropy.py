@@ -80,6 +80,7 @@ class _ChunkedLMHeadLoss:
             _, logits = self.logits(rows_c)
             row_loss.index_copy_(0, rows_c, ops.cross_entropy_loss(logits, self.labels.index_select(0, rows_c),
                                                                    None, self.ignore_index, False))
+            del logits  # before the next chunk's: one chunk alive at a time
 
     def global_lse(self, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Pass 1 under tensor parallelism: (lse, row loss) [N] of `rows` over the whole vocabulary."""
@@ -93,6 +94,7 @@ class _ChunkedLMHeadLoss:
             lse_c, target_c = ops.vocab_parallel_stats(logits, self.local_labels.index_select(0, rows_c), None)
             lse_local.index_copy_(0, rows_c, lse_c)
             target_logit.index_copy_(0, rows_c, target_c)
+            del logits
         return global_log_sum_exp(lse_local, target_logit, self.group)
 
     def gradients(self, rows: torch.Tensor, lse: Optional[torch.Tensor], grad_scale: torch.Tensor,
@@ -112,6 +114,7 @@ class _ChunkedLMHeadLoss:
                 grad_hidden.index_copy_(0, rows_c, torch.mm(logits, self.weight))
             if grad_weight is not None:
                 grad_weight.addmm_(logits.t(), h_c)
+            del h_c, logits
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

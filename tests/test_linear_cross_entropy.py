@@ -17,10 +17,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from conftest import DEVICES
 from distributed import run_distributed
-from goldfish_ds import GoldfishConfig, goldfish_cross_entropy, goldfish_linear_cross_entropy
+from goldfish_ds import GoldfishConfig, goldfish_cross_entropy, goldfish_linear_cross_entropy, goldfish_mask
 from goldfish_ds.linear_cross_entropy import plan_chunk_rows
 from goldfish_ds.parallel import copy_to_tensor_parallel_region, vocab_parallel_goldfish_linear_cross_entropy
 from goldfish_ds.reference import reference_goldfish_mask
@@ -98,12 +100,13 @@ def test_matches_torch_float64(reduction, cfg, shape, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_bfloat16_matches_torch_float64(reduction, device):
-    hidden, weight, labels = case(dtype=torch.bfloat16, V=300, device=device)
+def test_half_precision_matches_torch_float64(reduction, dtype, device):
+    hidden, weight, labels = case(dtype=dtype, V=300, device=device)
     upstream = upstream_for(labels, reduction)
     ours = run_op(hidden, weight, labels, CFG, reduction, upstream)
-    assert_matches(ours, torch_reference(hidden, weight, labels, CFG, reduction, upstream), torch.bfloat16)
+    assert_matches(ours, torch_reference(hidden, weight, labels, CFG, reduction, upstream), dtype)
 
 
 def test_window_ids_and_exempt_ids_decide_the_mask():
@@ -157,6 +160,39 @@ def test_the_chunk_budget_rule():
     assert plan_chunk_rows(10, 1000, 64, 4, 3 * 1128 * 4) == 3
 
 
+class TensorsMade(TorchDispatchMode):
+    """Records (shape, bytes) of every tensor an ATen op returns (allocations and in-place results alike)."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.made += [(tuple(t.shape), t.nbytes) for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        return out
+
+
+def test_no_temporary_exceeds_the_chunk_budget():
+    """Besides the two gradient buffers ([N, H], [V, H]), no tensor is larger than 5% of the N x V logits, and
+    the chunks are the planned size; the unfused path, watched the same way, makes the whole logits."""
+    N, H, V = 600, 16, 500
+    hidden, weight, labels = case((N,), H=H, V=V)
+    logits_bytes = N * V * 4
+    rows = plan_chunk_rows(N, V, H, 4, None)
+    assert rows == int(0.05 * logits_bytes) // ((V + 2 * H) * 4) == 28
+    goldfish_mask(labels, CFG)  # builds and caches the hash-table strategy's table (8 MB) once per process
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with TensorsMade() as fused:
+        goldfish_linear_cross_entropy(h, w, labels, CFG).backward()
+    temporaries = [(shape, size) for shape, size in fused.made if shape not in ((N, H), (V, H))]
+    assert max(size for _, size in temporaries) <= 0.05 * logits_bytes
+    assert (rows, V) in [shape for shape, _ in temporaries]
+    with TensorsMade() as unfused:
+        goldfish_cross_entropy(F.linear(hidden.clone().requires_grad_(), weight), labels, CFG).backward()
+    assert max(size for _, size in unfused.made) >= logits_bytes
+
+
 def test_stats_equal_the_fused_loss_on_the_same_logits():
     hidden, weight, labels = case()
     loss, stats = goldfish_linear_cross_entropy(hidden, weight, labels, CFG, return_stats=True, chunk_bytes=2000)
@@ -177,6 +213,16 @@ def test_without_gradients_only_the_loss():
     w = weight.clone().requires_grad_()  # a frozen body: only the head trains
     goldfish_linear_cross_entropy(hidden, w, labels, CFG).backward()
     assert rel(w.grad, torch_reference(hidden, weight, labels, CFG, "mean", None)[2]) <= tol(torch.float32)
+
+
+def test_non_contiguous_hidden_and_weight():
+    hidden, weight, labels = case()
+    h = hidden.transpose(0, 1).contiguous().requires_grad_()  # [T, B, H], viewed as [B, T, H] below
+    w = weight.t().contiguous().requires_grad_()  # [H, V], viewed as [V, H] below
+    goldfish_linear_cross_entropy(h.transpose(0, 1), w.t(), labels, CFG, "sum").backward()
+    ref = torch_reference(hidden, weight, labels, CFG, "sum", None)
+    assert rel(h.grad.transpose(0, 1), ref[1]) <= tol(torch.float32)
+    assert rel(w.grad.t(), ref[2]) <= tol(torch.float32)
 
 
 def test_no_kept_row_is_a_zero_loss_and_zero_gradients():
