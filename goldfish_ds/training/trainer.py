@@ -265,7 +265,8 @@ class Job:
         supervised = [dataset.supervised(row) for row in rows] if dataset.sft is not None else None
         return self._batch([dataset[row] for row in rows], supervised)
 
-    def _forward(self, inputs: torch.Tensor, loss_targets: LossTargets | None = None):
+    def _forward(self, inputs: torch.Tensor, loss_targets: LossTargets | None = None
+                 ) -> torch.Tensor | tuple[torch.Tensor, GoldfishStats]:
         """This rank's vocabulary slice of the logits of inputs [B, T], or with loss_targets the model's fused loss
         (Llama.forward); under --document_attention each packed document attends only to itself."""
         documents = None if self.document_eos is None else documents_from_eos(inputs, self.document_eos)
