@@ -15,7 +15,8 @@ from distributed import run_distributed
 from test_training import corpus, ds_config, launch, losses, records, train_args  # noqa: F401 (corpus: a fixture)
 from goldfish_ds import GoldfishConfig, goldfish_mask
 from goldfish_ds.models import Llama, LlamaConfig, LossTargets, documents_from_eos
-from goldfish_ds.parallel import destroy_model_parallel, initialize_model_parallel, vocab_parallel_goldfish_cross_entropy
+from goldfish_ds.parallel import (destroy_model_parallel, initialize_model_parallel,
+                                  vocab_parallel_goldfish_cross_entropy)
 
 EOS = 2
 # vocab 301: at TP=2 each rank holds 151 rows and the last one is padding.
