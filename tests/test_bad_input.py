@@ -506,6 +506,9 @@ API_REFUSALS = [
         ("positions of another shape", {"positions": torch.arange(4)},
          r"positions must have shape \[T\] = \[5\] or \[B, T\] = \[2, 5\], got \[4\]"),
     )],
+    Refusal("Llama.forward loss_targets that is not a LossTargets", lambda t, d: llama_forward(
+        torch.zeros(2, 5, dtype=torch.int64), loss_targets={"labels": torch.zeros(2, 5, dtype=torch.int64)}),
+        TypeError, "loss_targets must be a LossTargets or None, got dict"),
     Refusal("documents_from_eos eos_id not an int", lambda t, d: documents_from_eos(
         torch.zeros(2, 5, dtype=torch.int64), 2.0), ValueError, "documents_from_eos: eos_id must be an int token id, "
                                                                 "got 2.0"),

@@ -5,8 +5,9 @@ SwiGLU MLP, grouped-query attention (head_dim may differ from hidden_size / num_
 `scaled_dot_product_attention`, tied or untied embeddings. With tensor parallelism each rank holds
 num_attention_heads / tp query heads and num_key_value_heads / tp key/value heads, a slice of the MLP, and
 a slice of the vocabulary; `forward` returns this rank's slice of the logits, the input of
-goldfish_ds.parallel.vocab_parallel_goldfish_cross_entropy. Without a tensor-parallel group it is a plain
-single-process model.
+goldfish_ds.parallel.vocab_parallel_goldfish_cross_entropy, or, given `loss_targets`, that loss itself, computed by
+the LM head without a logits buffer (vocab_parallel_goldfish_linear_cross_entropy). Without a tensor-parallel group
+it is a plain single-process model.
 
 Document attention (`forward(..., documents=...)`, see `documents_from_eos`): a packed row holds several documents
 one after another, and plain causal attention lets each document see the ones before it. With `documents` a
@@ -20,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from goldfish_ds.models.rope import RopeParameters, rope_parameters_from_hf, rotary_cos_sin
-from goldfish_ds.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelLMHead
+from goldfish_ds.loss import GoldfishStats
+from goldfish_ds.parallel.layers import (ColumnParallelLinear, LossTargets, RowParallelLinear, VocabParallelEmbedding,
+                                         VocabParallelLMHead)
 from goldfish_ds.parallel.state import default_tensor_parallel_group, group_rank_and_size
 
 
@@ -234,13 +237,16 @@ class DecoderLayer(nn.Module):
 
 
 class Llama(nn.Module):
-    """Token ids [B, T] -> this rank's vocabulary slice of the logits [B, T, ceil(V / tp)].
+    """Token ids [B, T] -> this rank's vocabulary slice of the logits [B, T, ceil(V / tp)], or the loss.
 
-    forward(input_ids, positions=None, documents=None): positions, the RoPE positions [T] (every row) or [B, T]
-    (per row), default 0..T-1; documents [B, T], the non-decreasing document index of each input position
-    (documents_from_eos), makes attention block-diagonal causal (within a document) and restarts the positions at
-    0 in each document, unless positions are given too (they are then used as given). Without documents, or when
-    no row has a boundary, attention is plain causal.
+    forward(input_ids, positions=None, documents=None, *, loss_targets=None): positions, the RoPE positions [T]
+    (every row) or [B, T] (per row), default 0..T-1; documents [B, T], the non-decreasing document index of each
+    input position (documents_from_eos), makes attention block-diagonal causal (within a document) and restarts the
+    positions at 0 in each document, unless positions are given too (they are then used as given). Without
+    documents, or when no row has a boundary, attention is plain causal. loss_targets (a LossTargets: labels [B, T],
+    goldfish config, reduction, ...): return the goldfish loss of the logits (and GoldfishStats when
+    loss_targets.return_stats) instead of the logits, computed by the LM head on the kept targets only, with no
+    N x V logits buffer (VocabParallelLMHead.forward).
 
     seed: initialisation seed; the parameters are the same at every tensor-parallel size.
     activation_checkpointing: recompute each decoder layer in the backward pass instead of storing it.
@@ -261,7 +267,8 @@ class Llama(nn.Module):
                                            std=cfg.initializer_range, seed=seed + 1, group=group)
 
     def forward(self, input_ids: torch.Tensor, positions: Optional[torch.Tensor] = None,
-                documents: Optional[torch.Tensor] = None) -> torch.Tensor:
+                documents: Optional[torch.Tensor] = None, *, loss_targets: Optional[LossTargets] = None
+                ) -> Union[torch.Tensor, Tuple[torch.Tensor, GoldfishStats]]:
         B, T = input_ids.shape
         mask = None
         if documents is not None:
@@ -282,4 +289,5 @@ class Llama(nn.Module):
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask)
-        return self.lm_head(self.norm(x))
+        # By keyword: ZeRO-3's module hooks look for tensors in the positional inputs and warn about other types.
+        return self.lm_head(self.norm(x), loss_targets=loss_targets)

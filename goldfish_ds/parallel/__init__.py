@@ -1,8 +1,8 @@
 """Tensor parallelism (Megatron-style) for goldfish_ds: process groups and the vocab-parallel loss."""
 from goldfish_ds.parallel.cross_entropy import vocab_parallel_goldfish_cross_entropy
 from goldfish_ds.parallel.distributed import LaunchEnvironment, init_distributed, launch_environment
-from goldfish_ds.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                         VocabParallelLMHead)
+from goldfish_ds.parallel.layers import (ColumnParallelLinear, LossTargets, RowParallelLinear,
+                                         VocabParallelEmbedding, VocabParallelLMHead)
 from goldfish_ds.parallel.linear_cross_entropy import vocab_parallel_goldfish_linear_cross_entropy
 from goldfish_ds.parallel.mappings import (copy_to_tensor_parallel_region, gather_from_tensor_parallel_region,
                                            reduce_from_tensor_parallel_region, scatter_to_tensor_parallel_region)
@@ -27,6 +27,7 @@ __all__ = [
     "RowParallelLinear",
     "VocabParallelEmbedding",
     "VocabParallelLMHead",
+    "LossTargets",
     "copy_to_tensor_parallel_region",
     "gather_from_tensor_parallel_region",
     "mpu",

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from dataclasses import dataclass
+from typing import Iterator, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from goldfish_ds.config import GoldfishConfig
+from goldfish_ds.loss import GoldfishStats
+from goldfish_ds.parallel.linear_cross_entropy import vocab_parallel_goldfish_linear_cross_entropy
 from goldfish_ds.parallel.mappings import (copy_to_tensor_parallel_region, gather_from_tensor_parallel_region,
                                            reduce_from_tensor_parallel_region, scatter_to_tensor_parallel_region)
 from goldfish_ds.parallel.state import default_tensor_parallel_group, group_rank_and_size
@@ -154,8 +158,27 @@ class VocabParallelEmbedding(nn.Module):
         return reduce_from_tensor_parallel_region(out, self.group)
 
 
+@dataclass(frozen=True)
+class LossTargets:
+    """What VocabParallelLMHead.forward needs to return the loss instead of the logits: the arguments of
+    vocab_parallel_goldfish_linear_cross_entropy besides the hidden states, the weight and the group.
+
+    labels: [B, T] (or [N]) int64, the same on every tensor-parallel rank; cfg: the goldfish config (None: the
+    standard loss); reduction "mean", "sum" or "none"; step: the mask's step (random strategy); window_ids: the
+    ids the mask hashes (SFT), labels' shape; return_stats: also return GoldfishStats.
+    """
+
+    labels: torch.Tensor
+    cfg: Optional[GoldfishConfig]
+    reduction: str = "mean"
+    step: int = 0
+    window_ids: Optional[torch.Tensor] = None
+    return_stats: bool = False
+
+
 class VocabParallelLMHead(nn.Module):
-    """Hidden states -> this rank's slice of the logits [.., V_padded/tp], for vocab_parallel_goldfish_cross_entropy.
+    """Hidden states -> this rank's slice of the logits [.., V_padded/tp], for vocab_parallel_goldfish_cross_entropy,
+    or, given `loss_targets`, the goldfish loss itself without any logits buffer.
 
     The weight has the layout of VocabParallelEmbedding's (pass `tied` to share it). Columns past the real
     vocabulary (padding to a multiple of tp) are set to -inf, so they never win the softmax.
@@ -175,9 +198,28 @@ class VocabParallelLMHead(nn.Module):
         elif tied.per_rank != self.per_rank or tied.embedding_dim != hidden_size:
             raise ValueError("VocabParallelLMHead: the tied embedding must have the same vocabulary and hidden size")
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, loss_targets: Optional[LossTargets] = None
+                ) -> Union[torch.Tensor, Tuple[torch.Tensor, GoldfishStats]]:
+        """hidden [B, T, H] -> this rank's logits [B, T, V_padded/tp]; with loss_targets, the result of
+        vocab_parallel_goldfish_linear_cross_entropy instead (the loss, and GoldfishStats when
+        loss_targets.return_stats), equal to vocab_parallel_goldfish_cross_entropy of these logits.
+
+        The fused loss runs inside this forward, so under ZeRO-3 DeepSpeed's hooks gather the weight (tied or not)
+        for it, and its weight gradient, computed in the forward pass, arrives in backward like any other. Both
+        paths pass hidden through copy_to_tensor_parallel_region: its backward all-reduces dL/dhidden over the
+        tensor-parallel group.
+        """
         weight = self.tied.weight if self.tied is not None else self.weight
-        logits = F.linear(copy_to_tensor_parallel_region(hidden, self.group), weight)
+        hidden = copy_to_tensor_parallel_region(hidden, self.group)
+        if loss_targets is not None:
+            if not isinstance(loss_targets, LossTargets):
+                raise TypeError(f"VocabParallelLMHead.forward: loss_targets must be a LossTargets or None, got "
+                                f"{type(loss_targets).__name__}")
+            t = loss_targets
+            return vocab_parallel_goldfish_linear_cross_entropy(
+                hidden, weight, t.labels, t.cfg, self.group, t.reduction, step=t.step, return_stats=t.return_stats,
+                vocab_size=self.vocab_size, window_ids=t.window_ids)
+        logits = F.linear(hidden, weight)
         padding = self.vocab_start + self.per_rank - self.vocab_size
         if padding > 0:  # only the last ranks hold padding columns; in place: linear does not save its output
             logits[..., max(self.per_rank - padding, 0):] = float("-inf")

@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--tensor_parallel", type=int, default=1, help="tensor-parallel size (divides the world)")
     model.add_argument("--activation_checkpointing", action="store_true", help="recompute decoder layers in the "
                                                                                "backward pass")
+    model.add_argument("--fused_lm_head", action=argparse.BooleanOptionalAction, default=False,
+                       help="training steps compute the goldfish loss inside the LM head "
+                            "(vocab_parallel_goldfish_linear_cross_entropy): only the kept targets' rows enter "
+                            "the LM-head matmuls, in chunks, so no [micro-batch x seq_len, vocab] logits buffer is "
+                            "allocated (validation keeps the logits path). The loss equals --no-fused_lm_head's up "
+                            "to float rounding")
     model.add_argument("--document_attention", action="store_true",
                        help="attention within each packed document only (a new one starts after each EOS input "
                             "token; RoPE positions restart at 0 there), in training and validation; needs a "

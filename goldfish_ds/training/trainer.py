@@ -32,8 +32,10 @@ from goldfish_ds.data import (
     Tokenizer,
     load_tokenizer,
 )
+from goldfish_ds.loss import GoldfishStats
 from goldfish_ds.models import Llama, LlamaConfig, documents_from_eos, load_hf_llama
 from goldfish_ds.parallel import (
+    LossTargets,
     data_parallel_group,
     data_parallel_rank,
     data_parallel_world_size,
@@ -265,12 +267,23 @@ class Job:
         supervised = [dataset.supervised(row) for row in rows] if dataset.sft is not None else None
         return self._batch([dataset[row] for row in rows], supervised)
 
-    def _forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        """This rank's vocabulary slice of the logits of inputs [B, T]; under --document_attention each packed
-        document attends only to itself."""
-        if self.document_eos is None:
-            return self.engine(inputs)
-        return self.engine(inputs, documents=documents_from_eos(inputs, self.document_eos))
+    def _forward(self, inputs: torch.Tensor, loss_targets: LossTargets | None = None
+                 ) -> torch.Tensor | tuple[torch.Tensor, GoldfishStats]:
+        """This rank's vocabulary slice of the logits of inputs [B, T], or with loss_targets the model's fused loss
+        (Llama.forward); under --document_attention each packed document attends only to itself."""
+        documents = None if self.document_eos is None else documents_from_eos(inputs, self.document_eos)
+        return self.engine(inputs, documents=documents, loss_targets=loss_targets)
+
+    def _train_loss(self, inputs: torch.Tensor, labels: torch.Tensor, window_ids: torch.Tensor | None,
+                    reduction: str) -> tuple[torch.Tensor, GoldfishStats]:
+        """The goldfish loss of one micro-batch and its statistics: from the LM head itself under --fused_lm_head
+        (no logits buffer), else from this rank's logits by vocab_parallel_goldfish_cross_entropy."""
+        if self.args.fused_lm_head:
+            return self._forward(inputs, LossTargets(labels, self.goldfish, reduction, self.step, window_ids,
+                                                     return_stats=True))
+        return vocab_parallel_goldfish_cross_entropy(self._forward(inputs), labels, self.goldfish, reduction=reduction,
+                                                     step=self.step, return_stats=True,
+                                                     vocab_size=self.model_cfg.vocab_size, window_ids=window_ids)
 
     def train_step(self, rows: Iterator[int]) -> dict:
         """One optimizer step (accumulation micro-batches); returns its "train" record, summed over DP ranks,
@@ -283,11 +296,7 @@ class Job:
         reduction, loss_scale = self._loss_reduction_and_scale(micro_batches)
         finite = []
         for inputs, labels, window_ids in micro_batches:
-            local_logits = self._forward(inputs)
-            loss, stats = vocab_parallel_goldfish_cross_entropy(local_logits, labels, self.goldfish,
-                                                                reduction=reduction, step=self.step, return_stats=True,
-                                                                vocab_size=self.model_cfg.vocab_size,
-                                                                window_ids=window_ids)
+            loss, stats = self._train_loss(inputs, labels, window_ids, reduction)
             loss = maybe_poison_loss(loss * loss_scale, self.step + 1)
             finite.append(torch.isfinite(loss.detach()))
             # x 1 where finite (exact); x NaN otherwise, so that DeepSpeed's gradient-norm check skips the step on
