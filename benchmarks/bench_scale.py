@@ -33,7 +33,9 @@ Model states: fp32 ZeRO-3 costs 16 bytes a parameter (weights, gradients, two Ad
 builds DeepSpeed's optimizer under fp32_master_shares_partition (goldfish_ds/training/zero3_master_weights.py;
 DeepSpeed 0.19.8 alone clones the fp32 partition as its master copy: 20 bytes), and so does the HF worker; bf16
 mixed precision costs 16 too (2 + 2 + 4 + 8). DeepSpeed's estimate (18 bytes a parameter) is made for mixed
-precision and bounds both.
+precision and bounds both. On a 24 GiB machine Llama-3.2-1B fits only in bf16 (fp32: 18.4 GiB of states over the 2
+ranks plus each rank's gathered fp32 tied embedding and its full gradient); a job that fails is reported and the
+other models and layouts still run.
 About 8 (tp2) to 25 (dp2, with the HF run) minutes per model on 2 cores; each run's directory (up to 20 GB of
 checkpoints) is deleted after its model unless --keep. Usage:
   python benchmarks/bench_scale.py [--models tinyllama-1.1b llama-3.2-1b] [--layouts dp2 tp2] [--seq_len 64]
@@ -306,15 +308,21 @@ def main() -> None:
     root = Path(args.out_dir)
     root.mkdir(parents=True, exist_ok=True)
     data = prepare_data(root / "data", args.dtype)
-    results = []
+    results, failed = [], []
     for model in args.models:
         for layout in args.layouts:
-            results.append(bench(model, layout, data, root, args.seq_len, args.steps, with_hf=layout == "dp2"))
+            try:
+                results.append(bench(model, layout, data, root, args.seq_len, args.steps, with_hf=layout == "dp2"))
+            except RuntimeError as e:  # e.g. the first job killed for memory: the other models and layouts still run
+                failed.append(f"{model} {layout}: {str(e).splitlines()[0]}")
+                print(f"[{model} {layout}] {failed[-1]}", flush=True)
             if not args.keep:
                 shutil.rmtree(root / f"{model}_{layout}", ignore_errors=True)
             if args.json:
                 Path(args.json).write_text(json.dumps(results, indent=1))
     report(results)
+    for message in failed:
+        print(f"not measured: {message}")
 
 
 if __name__ == "__main__":
