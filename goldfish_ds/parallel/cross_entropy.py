@@ -72,6 +72,18 @@ def _check_labels_match(labels: torch.Tensor, group: dist.ProcessGroup) -> None:
                          "(every rank of a TP group must see the same batch)")
 
 
+def checked_group(group, caller: str, reduction_position: str) -> Tuple[Optional[dist.ProcessGroup], int, int]:
+    """(group, rank, world) of a loss's `group` argument: a ProcessGroup, or None for the default tensor-parallel
+    group (initialize_model_parallel's; without one, a single shard); group None when world is 1 (nothing to
+    communicate). Anything else is a TypeError naming where reduction goes (a common positional slip)."""
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"{caller}: group must be a torch.distributed ProcessGroup or None, got {group!r} "
+                        f"(reduction is its {reduction_position} argument: pass it as reduction=...)")
+    group = default_tensor_parallel_group(group)
+    rank, world = group_rank_and_size(group)
+    return (group if world > 1 else None), rank, world
+
+
 def checked_vocab_size(vocab_size: Optional[int], shard: int, world: int, caller: str) -> int:
     """The real vocabulary V for `world` shards of `shard` ids (default shard x world): refused unless an int in
     (shard x (world - 1), shard x world], so that every shard holds at least one real id."""
@@ -125,13 +137,7 @@ def vocab_parallel_goldfish_cross_entropy(
     """
     check_loss_inputs(local_logits, labels, reduction, "vocab_parallel_goldfish_cross_entropy")
     check_device_supported(local_logits.device)
-    if group is not None and not isinstance(group, dist.ProcessGroup):
-        raise TypeError(f"vocab_parallel_goldfish_cross_entropy: group must be a torch.distributed ProcessGroup or "
-                        f"None, got {group!r} (reduction is its 5th argument: pass it as reduction=...)")
-    group = default_tensor_parallel_group(group)
-    rank, world = group_rank_and_size(group)
-    if world == 1:
-        group = None  # one shard holds the whole vocabulary: nothing to communicate
+    group, rank, world = checked_group(group, "vocab_parallel_goldfish_cross_entropy", "5th")
     shard = local_logits.shape[-1]
     ignore_index = cfg.ignore_index if cfg is not None else -100
 

@@ -16,8 +16,7 @@ import torch.distributed as dist
 from goldfish_ds.config import GoldfishConfig
 from goldfish_ds.linear_cross_entropy import check_linear_inputs, linear_cross_entropy
 from goldfish_ds.loss import GoldfishStats
-from goldfish_ds.parallel.cross_entropy import check_label_range, checked_vocab_size
-from goldfish_ds.parallel.state import default_tensor_parallel_group, group_rank_and_size
+from goldfish_ds.parallel.cross_entropy import check_label_range, checked_group, checked_vocab_size
 
 
 def vocab_parallel_goldfish_linear_cross_entropy(
@@ -47,11 +46,7 @@ def vocab_parallel_goldfish_linear_cross_entropy(
     """
     caller = "vocab_parallel_goldfish_linear_cross_entropy"
     check_linear_inputs(hidden, local_weight, labels, reduction, chunk_bytes, caller, weight_name="local_weight")
-    if group is not None and not isinstance(group, dist.ProcessGroup):
-        raise TypeError(f"{caller}: group must be a torch.distributed ProcessGroup or None, got {group!r} "
-                        "(reduction is its 6th argument: pass it as reduction=...)")
-    group = default_tensor_parallel_group(group)
-    rank, world = group_rank_and_size(group)
+    group, rank, world = checked_group(group, caller, "6th")
     shard = local_weight.shape[0]
     vocab = checked_vocab_size(vocab_size, shard, world, caller)
     ignore_index = cfg.ignore_index if cfg is not None else -100
@@ -59,4 +54,4 @@ def vocab_parallel_goldfish_linear_cross_entropy(
     check_label_range(flat_labels, flat_labels.ne(ignore_index), vocab, shard, world, ignore_index, caller)
     start = rank * shard
     return linear_cross_entropy(hidden, local_weight, labels, cfg, reduction, step, return_stats, window_ids,
-                                chunk_bytes, start, min(shard, vocab - start), group if world > 1 else None)
+                                chunk_bytes, start, min(shard, vocab - start), group)
