@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from goldfish_ds.config import GoldfishConfig
 from goldfish_ds.kernels import check_device_supported, ops
-from goldfish_ds.loss import (GoldfishStats, check_loss_inputs, gradient_scale, reduce_loss, scale_saved_gradient,
+from goldfish_ds.loss import (GoldfishStats, check_loss_inputs, gradient_scale, reduce_loss, scale_saved_gradients,
                               stats_from_row_losses)
 from goldfish_ds.mask import goldfish_mask
 
@@ -54,9 +54,16 @@ class _ChunkedLMHeadLoss:
     padding), labels [N] (local_labels [N]: the id within this shard, or -1, under tensor parallelism)."""
 
     def __init__(self, hidden, full_weight, vocab_in_use, labels, local_labels, ignore_index, chunk_rows, group):
-        self.hidden, self.full_weight, self.labels, self.local_labels = hidden, full_weight, labels, local_labels
-        self.weight = full_weight if vocab_in_use == full_weight.shape[0] else full_weight[:vocab_in_use]
+        self.labels, self.local_labels, self.vocab_in_use = labels, local_labels, vocab_in_use
         self.ignore_index, self.chunk_rows, self.group = ignore_index, chunk_rows, group
+        self.bind(hidden, full_weight)
+
+    def bind(self, hidden: Optional[torch.Tensor], full_weight: Optional[torch.Tensor]) -> None:
+        """Points the chunks at these inputs; (None, None) between forward and backward, where autograd holds them
+        (saved tensors: checked for in-place changes, freed after the last backward)."""
+        self.hidden, self.full_weight = hidden, full_weight
+        self.weight = full_weight if full_weight is None or self.vocab_in_use == full_weight.shape[0] \
+            else full_weight[:self.vocab_in_use]
 
     def logits(self, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(h_c [C, H], logits [C, V']) of the given rows."""
@@ -141,8 +148,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             head.row_losses(kept_rows, row_loss)
         if reduction == "none":  # backward recomputes the gradients: keep what it needs
             ctx.head, ctx.lse, ctx.kept_rows, ctx.grad_scale = head, lse, kept_rows, grad_scale
+            ctx.save_for_backward(hidden, weight)
+            head.bind(None, None)
+        else:
+            ctx.save_for_backward(*grads)
         ctx.reduction = reduction
-        ctx.save_for_backward(*grads)
         ctx.mark_non_differentiable(row_loss)
         return reduce_loss(row_loss, kept, reduction, grad_scale), row_loss
 
@@ -150,16 +160,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_row_loss):
         if ctx.reduction == "none":  # per-row upstream gradients: recompute the chunks' gradients with them
             head = ctx.head
+            head.bind(*ctx.saved_tensors)
             grad_hidden, grad_weight = _zero_gradients(ctx.needs_input_grad, head.hidden, head.full_weight)
             row_scale = grad_loss.detach().to(torch.float32).reshape(-1)
             head.gradients(ctx.kept_rows, ctx.lse, ctx.grad_scale, row_scale, grad_hidden,
                            _rows_in_use(grad_weight, head), None)
-            ctx.head = None
+            head.bind(None, None)
         else:
-            grad_hidden, grad_weight = ctx.saved_tensors
-            for grad in (grad_hidden, grad_weight):
-                if grad is not None:
-                    scale_saved_gradient(grad, grad_loss)
+            grad_hidden, grad_weight = scale_saved_gradients(ctx, ctx.saved_tensors, grad_loss)
         return grad_hidden, grad_weight, None, None, None, None
 
 

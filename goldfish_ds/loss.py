@@ -56,10 +56,29 @@ def reduce_loss(row_loss: torch.Tensor, kept: torch.Tensor, reduction: str, grad
     return kept_loss.sum() * grad_scale[0] if reduction == "mean" else kept_loss.sum()
 
 
-def scale_saved_gradient(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
-    """Backward of the fused losses: the gradient stored by the forward pass, times the upstream gradient."""
-    ops.scale_rows_(grad, grad_loss.detach().to(torch.float32).reshape(-1).contiguous())
-    return grad
+def scale_saved_gradients(ctx, grads: tuple, grad_loss: torch.Tensor) -> tuple:
+    """Backward of the fused losses: the gradients the forward pass stored (None entries stay None), times the
+    upstream gradient (one value, or one per row). The first backward scales them in place (no second buffer);
+    a later one through a retained graph returns copies rescaled by the ratio of the two upstream gradients, and
+    raises where the first was 0 (that stored gradient is then 0)."""
+    scale = grad_loss.detach().to(torch.float32).reshape(-1).contiguous()
+    first = getattr(ctx, "first_upstream", None)
+    if first is None:
+        ctx.first_upstream = scale.clone()
+        for grad in grads:
+            if grad is not None:
+                ops.scale_rows_(grad, scale)
+        return grads
+    if bool(first.eq(0).any()):
+        raise RuntimeError("a second backward (retain_graph=True) through a fused goldfish loss whose first "
+                           "upstream gradient had a 0: the stored gradient was scaled in place to 0 there; run "
+                           "the forward again")
+    ratio = scale / first
+    rescaled = tuple(None if grad is None else grad.clone() for grad in grads)
+    for grad in rescaled:
+        if grad is not None:
+            ops.scale_rows_(grad, ratio)
+    return rescaled
 
 
 class _FusedCrossEntropy(torch.autograd.Function):
@@ -84,7 +103,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_row_loss):
-        return scale_saved_gradient(ctx.saved_tensors[0], grad_loss), None, None, None, None, None, None, None
+        return (*scale_saved_gradients(ctx, ctx.saved_tensors, grad_loss), None, None, None, None, None, None, None)
 
 
 def check_loss_inputs(logits: torch.Tensor, labels: torch.Tensor, reduction: str, caller: str,

@@ -8,10 +8,10 @@ kernels' exponential is within 2e-7 relative (csrc/cross_entropy_cpu.cpp); the r
 same (dtype-rounded) inputs. (Logits of ~1e4 in bfloat16 carry an absolute rounding of ~40, which moves the
 softmax itself; the extreme-logits test is float32, as for the unfused loss.)
 
-A float64 gradcheck does not apply: the compiled kernels compute in float32 whatever the inputs (float32 row
-losses and log-sum-exps are part of their contract), so a float64 instantiation would still carry float32
-rounding, far above gradcheck's finite-difference tolerance. The gradients are checked against float64 torch
-autograd instead, and linearity in the upstream gradient by the "none" reduction with random row weights.
+The compiled kernels compute in float32 whatever the inputs (float32 row losses and log-sum-exps are part of
+their contract), so gradcheck runs in float32, with a step and tolerances sized for float32 finite differences
+(test_gradcheck_float32); the gradients' exactness is checked against float64 torch autograd, and linearity in
+the upstream gradient by the "none" reduction with random row weights.
 """
 import pytest
 import torch
@@ -24,7 +24,8 @@ from conftest import DEVICES
 from distributed import run_distributed
 from goldfish_ds import GoldfishConfig, goldfish_cross_entropy, goldfish_linear_cross_entropy, goldfish_mask
 from goldfish_ds.linear_cross_entropy import plan_chunk_rows
-from goldfish_ds.parallel import copy_to_tensor_parallel_region, vocab_parallel_goldfish_linear_cross_entropy
+from goldfish_ds.parallel import (copy_to_tensor_parallel_region, vocab_parallel_goldfish_cross_entropy,
+                                  vocab_parallel_goldfish_linear_cross_entropy)
 from goldfish_ds.reference import reference_goldfish_mask
 
 CFG = GoldfishConfig(k=4, h=3, exempt_ids=(1,))
@@ -107,6 +108,65 @@ def test_half_precision_matches_torch_float64(reduction, dtype, device):
     upstream = upstream_for(labels, reduction)
     ours = run_op(hidden, weight, labels, CFG, reduction, upstream)
     assert_matches(ours, torch_reference(hidden, weight, labels, CFG, reduction, upstream), dtype)
+
+
+@pytest.mark.filterwarnings("ignore:Input #:UserWarning")  # gradcheck's advice to use float64, see above
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gradcheck_float32(reduction):
+    """torch.autograd.gradcheck (central differences, step 1e-2; also undefined upstream gradients) of both inputs,
+    in chunks of 2 rows, with dropped, ignored and exempt targets: the finite differences of our own forward
+    against our backward. The step's truncation error is ~1e-4 and float32 rounding adds ~1e-4 to a difference
+    quotient, so atol 2e-3 and rtol 1e-2 sit well above both and far below any real error (a row's gradient is
+    O(0.1)-O(1))."""
+    hidden, weight, labels = case(shape=(12,), H=5, V=7, seed=3)
+    dropped = goldfish_mask(labels, CFG).sum().item()
+    assert dropped > 0 and labels.eq(-100).any() and labels.eq(EXEMPT).any()
+    hidden.requires_grad_(), weight.requires_grad_()
+    chunk_bytes = 2 * (7 + 2 * 5) * 4  # 2 rows per chunk
+
+    def loss(h, w):
+        return goldfish_linear_cross_entropy(h, w, labels, CFG, reduction, chunk_bytes=chunk_bytes)
+
+    assert torch.autograd.gradcheck(loss, (hidden, weight), eps=1e-2, atol=2e-3, rtol=1e-2)
+
+
+LOSSES = {
+    "goldfish_cross_entropy": lambda h, w, labels, red: goldfish_cross_entropy(h @ w.t(), labels, CFG, red),
+    "vocab_parallel_goldfish_cross_entropy": lambda h, w, labels, red: vocab_parallel_goldfish_cross_entropy(
+        h @ w.t(), labels, CFG, reduction=red),
+    "goldfish_linear_cross_entropy": lambda h, w, labels, red: goldfish_linear_cross_entropy(
+        h, w, labels, CFG, red, chunk_bytes=4 * (97 + 48) * 4),
+}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("loss_name", list(LOSSES))
+def test_backward_twice_through_a_retained_graph(loss_name, reduction):
+    """The fused losses scale their stored gradient in place; a second backward (retain_graph=True) with another
+    upstream gradient still gets the torch float64 gradient times that upstream gradient, and one after a zero
+    upstream gradient is refused rather than returning zeros."""
+    hidden, weight, labels = case()
+    hidden.requires_grad_(), weight.requires_grad_()
+    upstream = torch.linspace(0.5, 1.5, labels.numel()).reshape(labels.shape) if reduction == "none" \
+        else torch.tensor(0.7)
+    _, ref_hidden, ref_weight = torch_reference(hidden, weight, labels, CFG, reduction, upstream)
+    if reduction != "none":  # torch_reference weights only the rows of "none"
+        ref_hidden, ref_weight = ref_hidden * 0.7, ref_weight * 0.7
+    loss = LOSSES[loss_name](hidden, weight, labels, reduction)
+    first = torch.autograd.grad(loss, (hidden, weight), torch.ones_like(loss), retain_graph=True)
+    second = torch.autograd.grad(loss, (hidden, weight), upstream.expand_as(loss), retain_graph=True)
+    for got, want in zip(second, (ref_hidden, ref_weight)):
+        assert rel(got, want) <= tol(torch.float32)
+    if reduction != "none":  # the first backward's gradient (upstream 1) was not changed by the second
+        assert rel(first[0] * 0.7, ref_hidden) <= tol(torch.float32)
+    loss = LOSSES[loss_name](hidden, weight, labels, reduction)
+    torch.autograd.grad(loss, (hidden, weight), torch.zeros_like(loss), retain_graph=True)
+    if loss_name == "goldfish_linear_cross_entropy" and reduction == "none":  # recomputed, nothing stored
+        again = torch.autograd.grad(loss, (hidden, weight), upstream.expand_as(loss))
+        assert rel(again[1], ref_weight) <= tol(torch.float32)
+    else:
+        with pytest.raises(RuntimeError, match="second backward"):
+            torch.autograd.grad(loss, (hidden, weight), upstream.expand_as(loss))
 
 
 def test_window_ids_and_exempt_ids_decide_the_mask():

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from goldfish_ds.config import GoldfishConfig
 from goldfish_ds.kernels import check_device_supported, ops
-from goldfish_ds.loss import (GoldfishStats, check_loss_inputs, gradient_scale, reduce_loss, scale_saved_gradient,
+from goldfish_ds.loss import (GoldfishStats, check_loss_inputs, gradient_scale, reduce_loss, scale_saved_gradients,
                               stats_from_row_losses)
 from goldfish_ds.mask import goldfish_mask
 from goldfish_ds.parallel.state import default_tensor_parallel_group, group_rank_and_size
@@ -59,7 +59,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_row_loss):
-        return scale_saved_gradient(ctx.saved_tensors[0], grad_loss), None, None, None, None, None, None
+        return (*scale_saved_gradients(ctx, ctx.saved_tensors, grad_loss), None, None, None, None, None, None)
 
 
 def _check_labels_match(labels: torch.Tensor, group: dist.ProcessGroup) -> None:
