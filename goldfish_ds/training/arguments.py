@@ -159,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "micro-batches: SFT data (unsupervised prompts), goldfish drops, padded rows")
 
     log = p.add_argument_group("logging, validation and checkpoints")
-    log.add_argument("--log_interval", type=int, default=1, help="steps between metric records")
+    log.add_argument("--log_interval", type=int, default=1,
+                     help="steps between \"train\" records, and the last step (the dropped targets' loss is only "
+                          "computed on these: under --fused_lm_head it costs an LM-head matmul)")
     log.add_argument("--eval_interval", type=int, default=50, help="steps between validation losses (0: never)")
     log.add_argument("--eval_rows", type=int, default=256,
                      help="validation rows per validation pass: the first N of --val_data (all of them if it has "

@@ -65,10 +65,11 @@ def device_peak_tflops(peak_tflops: float | None, device: torch.device, dtype: t
     return known_peak_tflops(torch.cuda.get_device_name(device))
 
 
-def step_throughput(tokens: int, step_time_s: float, flops_per_token: int, num_devices: int,
+def step_throughput(tokens: float, step_time_s: float, flops_per_token: int, num_devices: int,
                     peak_tflops: float | None) -> dict:
     """A step's model_flops (all devices), tflops_per_s (= model_flops / step_time_s / 1e12) and, when the peak
-    is known, mfu (= tflops_per_s / (num_devices x peak_tflops))."""
+    is known, mfu (= tflops_per_s / (num_devices x peak_tflops)); tokens and step_time_s: the step's input tokens
+    and seconds, or their means over several steps."""
     model_flops = tokens * flops_per_token
     record = {"model_flops": model_flops, "tflops_per_s": model_flops / step_time_s / 1e12}
     if peak_tflops is not None:

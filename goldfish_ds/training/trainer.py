@@ -275,15 +275,31 @@ class Job:
         return self.engine(inputs, documents=documents, loss_targets=loss_targets)
 
     def _train_loss(self, inputs: torch.Tensor, labels: torch.Tensor, window_ids: torch.Tensor | None,
-                    reduction: str) -> tuple[torch.Tensor, GoldfishStats]:
+                    reduction: str, logged: bool) -> tuple[torch.Tensor, GoldfishStats]:
         """The goldfish loss of one micro-batch and its statistics: from the LM head itself under --fused_lm_head
-        (no logits buffer), else from this rank's logits by vocab_parallel_goldfish_cross_entropy."""
+        (no logits buffer), else from this rank's logits by vocab_parallel_goldfish_cross_entropy. On a step that is
+        not logged (logged False) the dropped targets' loss is not computed, since under --fused_lm_head it costs an
+        LM-head matmul over their rows: loss_dropped_tokens and loss_all_tokens are NaN then."""
         if self.args.fused_lm_head:
-            return self._forward(inputs, LossTargets(labels, self.goldfish, reduction, self.step, window_ids,
-                                                     return_stats=True))
-        return vocab_parallel_goldfish_cross_entropy(self._forward(inputs), labels, self.goldfish, reduction=reduction,
-                                                     step=self.step, return_stats=True,
-                                                     vocab_size=self.model_cfg.vocab_size, window_ids=window_ids)
+            out = self._forward(inputs, LossTargets(labels, self.goldfish, reduction, self.step, window_ids,
+                                                    return_stats=logged))
+        else:
+            out = vocab_parallel_goldfish_cross_entropy(self._forward(inputs), labels, self.goldfish,
+                                                        reduction=reduction, step=self.step, return_stats=logged,
+                                                        vocab_size=self.model_cfg.vocab_size, window_ids=window_ids)
+        if logged:
+            return out
+        kept = kept_targets(labels, self.goldfish, self.ignore_index, self.step, window_ids)
+        dropped = labels.ne(self.ignore_index).sum() - kept
+        loss_kept = out.detach() if reduction == "mean" else out.detach() / kept.clamp(min=1)
+        nan = torch.full_like(loss_kept, math.nan)
+        return out, GoldfishStats(kept_tokens=kept, dropped_tokens=dropped,
+                                  drop_rate=dropped / (kept + dropped).clamp(min=1), loss_kept=loss_kept,
+                                  loss_all_tokens=nan, loss_dropped_tokens=nan)
+
+    def _logs_step(self, step: int) -> bool:
+        """Whether step (counted from 1) writes its "train" record: every --log_interval-th, and the last."""
+        return step % self.args.log_interval == 0 or step == self.args.max_steps
 
     def train_step(self, rows: Iterator[int]) -> dict:
         """One optimizer step (accumulation micro-batches); returns its "train" record, summed over DP ranks,
@@ -294,9 +310,10 @@ class Job:
         batches = [[next(rows) for _ in range(self.micro_batch)] for _ in range(self.accumulation)]
         micro_batches = [self._read_batch(self.train_set, batch) for batch in batches]
         reduction, loss_scale = self._loss_reduction_and_scale(micro_batches)
+        logged = self._logs_step(self.step + 1)
         finite = []
         for inputs, labels, window_ids in micro_batches:
-            loss, stats = self._train_loss(inputs, labels, window_ids, reduction)
+            loss, stats = self._train_loss(inputs, labels, window_ids, reduction, logged)
             loss = maybe_poison_loss(loss * loss_scale, self.step + 1)
             finite.append(torch.isfinite(loss.detach()))
             # x 1 where finite (exact); x NaN otherwise, so that DeepSpeed's gradient-norm check skips the step on
@@ -424,6 +441,7 @@ class Job:
         args = self.args
         on_gpu = self.device.type == "cuda"
         saved = None
+        since_record = [0, 0.0, 0]  # input tokens, seconds and applied steps since the last "train" record
         while self.step < args.max_steps:
             if on_gpu:
                 torch.cuda.reset_peak_memory_stats(self.device)
@@ -446,13 +464,16 @@ class Job:
                 if running_mean is not None:
                     logger.log({"kind": "spike", "step": self.step, "loss": record["loss"],
                                 "running_mean": running_mean, "spike_factor": args.spike_factor})
-                if self.step % args.log_interval == 0 or self.step == args.max_steps:
-                    tokens = record.pop("step_input_tokens")
+                since_record = [since_record[0] + record.pop("step_input_tokens"), since_record[1] + elapsed,
+                                since_record[2] + 1]
+                if self._logs_step(self.step):
                     if on_gpu:  # this rank's device
                         record["peak_device_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-                    logger.log({**record, "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
-                                **step_throughput(tokens, elapsed, self.flops_per_token, dist.get_world_size(),
-                                                  self.peak_tflops)})
+                    tokens, seconds, steps = since_record
+                    logger.log({**record, "tokens_per_s": tokens / seconds, "step_time_s": seconds / steps,
+                                **step_throughput(tokens / steps, seconds / steps, self.flops_per_token,
+                                                  dist.get_world_size(), self.peak_tflops)})
+                    since_record = [0, 0.0, 0]
             if self.val_set is not None and args.eval_interval and (self.step % args.eval_interval == 0
                                                                     or self.step == args.max_steps):
                 logger.log({"kind": "val", "step": self.step, "val_loss": self.validation_loss()})
