@@ -217,8 +217,9 @@ def test_the_chunk_budget_rule():
     budget = int(0.05 * 8192 * 128256 * 2) - 8192 * 64
     assert plan_chunk_rows(8192, 128256, 2048, 2, None) == budget // ((128256 + 4096) * 2)
     assert plan_chunk_rows(8192, 128256, 2048, 2, None) * (128256 + 4096) * 2 + 8192 * 64 <= 0.05 * 8192 * 128256 * 2
-    assert plan_chunk_rows(10, 1000, 64, 4, None) == 1  # never below one row
-    assert plan_chunk_rows(10, 1000, 64, 4, 1) == 1
+    assert plan_chunk_rows(256, 128256, 2048, 2, None) == 128  # the default never has fewer than 128 rows
+    assert plan_chunk_rows(10, 1000, 64, 4, None) == 10  # nor more than there are
+    assert plan_chunk_rows(10, 1000, 64, 4, 1) == 1  # an explicit budget: never below one row
     assert plan_chunk_rows(10, 1000, 64, 4, 3 * 1128 * 4) == 3
 
 
@@ -238,11 +239,11 @@ class TensorsMade(TorchDispatchMode):
 def test_no_temporary_exceeds_the_chunk_budget():
     """Besides the two gradient buffers ([N, H], [V, H]), no tensor is larger than 5% of the N x V logits, and
     the chunks are the planned size; the unfused path, watched the same way, makes the whole logits."""
-    N, H, V = 600, 16, 500
+    N, H, V = 3000, 16, 4000  # enough rows that the 5% rule, not the 128-row floor, sizes the chunks
     hidden, weight, labels = case((N,), H=H, V=V)
     logits_bytes = N * V * 4
     rows = plan_chunk_rows(N, V, H, 4, None)
-    assert rows == (int(0.05 * logits_bytes) - N * 64) // ((V + 2 * H) * 4) == 10  # 64 bytes a row: O(N) buffers
+    assert rows == (int(0.05 * logits_bytes) - N * 64) // ((V + 2 * H) * 4) == 136  # 64 bytes a row: O(N) buffers
     goldfish_mask(labels, CFG)  # builds and caches the hash-table strategy's table (8 MB) once per process
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     with TensorsMade() as fused:
