@@ -143,10 +143,10 @@ def prepare_data(root: Path, dtype: str) -> dict:
             "deepspeed_config": str(root / f"ds_{dtype}.json"), "bytes_per_value": 2 if dtype == "bf16" else 4}
 
 
-def job_args(data: dict, model_config: str, out_dir: Path, seq_len: int, *extra: str) -> list:
+def job_args(data: dict, model_config: str, out_dir: Path, seq_len: int, *extra: str, log_interval: int = 1) -> list:
     return ["--model_config", model_config, "--out_dir", str(out_dir), "--seq_len", str(seq_len),
             "--data", data["data"], "--val_data", data["val_data"], "--tokenizer", data["tokenizer"],
-            "--deepspeed_config", data["deepspeed_config"], "--eval_interval", "0", "--log_interval", "1",
+            "--deepspeed_config", data["deepspeed_config"], "--eval_interval", "0", "--log_interval", str(log_interval),
             "--warmup_steps", "1", "--save_interval", "1000", "--no-progress", "--hf_max_shard_size", SHARD, *extra]
 
 

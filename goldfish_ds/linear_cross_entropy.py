@@ -270,7 +270,7 @@ def goldfish_linear_cross_entropy(
     [0, V) is a ValueError.
     Only kept rows enter the matmuls, C rows at a time; the temporaries of a chunk (logits [C, V], hidden rows
     [C, H] and their gradient [C, H]) take at most chunk_bytes, by default 5% of the N x V logits of the unfused
-    path less the O(N) row buffers, so the whole extra peak stays within 5%, and at least 128 rows (see
+    path less the O(N) row buffers, so the whole extra peak stays within 5%, and at least 128 rows or N (see
     plan_chunk_rows). dL/dhidden is 0 at dropped and ignored rows; both gradients
     are accumulated in the inputs' dtype, each GEMM in float32 internally. return_stats also computes the
     dropped rows' loss, chunk by chunk without gradient.
