@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import datetime
+import faulthandler
+import gc
 import os
 import socket
 from typing import Any, Callable
@@ -19,10 +21,16 @@ def free_port() -> int:
 
 
 def _worker(rank: int, world_size: int, port: int, body: Callable[..., Any], args: tuple) -> None:
+    faulthandler.enable(all_threads=True)  # a rank killed by a signal prints every thread's Python stack
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=TIMEOUT)
     try:
         body(rank, world_size, *args)
+        # What the body built (a DeepSpeed engine, the gloo work objects it holds and their tensors) goes before
+        # the groups do, and no rank closes its connections while another still uses them: gloo work alive at
+        # interpreter exit can abort the rank (std::terminate; pytorch PR 179291).
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
